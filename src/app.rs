@@ -1,0 +1,242 @@
+//! Wiring: builds the broker, store, delivery and HTTP server from a config, in order, and
+//! shuts them down in the reverse order on SIGTERM/SIGINT. No business logic lives here.
+//!
+//! Shutdown order (each step waits for the previous one):
+//! 1. stop accepting HTTP connections and let in-flight requests finish (they may still
+//!    publish), and stop consuming: each delivery lane finishes and settles its batch;
+//! 2. close the broker connections (unacked prefetched messages go back to their queues).
+
+use crate::broker::{Broker, RabbitBroker};
+use crate::config::Config;
+use crate::deliver::{announce, PushTarget};
+use crate::metrics::Metrics;
+use crate::route::Routes;
+use crate::store::{RedisStore, Store};
+use crate::{admin, ingress, AppState};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("the config has problems:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Deliver(#[from] crate::deliver::DeliverError),
+}
+
+/// A started lxbridge: where it listens and how to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful shutdown, as on SIGTERM; returns when everything has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until shutdown was asked for (by [`Running::stop`] or a signal) and completed.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
+        .route("/api/v1/objects/{*reference}", get(admin::get_object))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ingress::error_response(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    let broker = app.broker.ready();
+    let store = matches!(
+        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+        Ok(Ok(()))
+    );
+    app.metrics.store_up.set(i64::from(store));
+    let status = if broker && store {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"broker": broker, "store": store})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Starts lxbridge on `listener` (use port 0 in tests). Returns once the server accepts
+/// connections; the broker connects in the background.
+pub async fn start(config: Config, listener: TcpListener) -> Result<Running, AppError> {
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(AppError::Invalid(problems));
+    }
+    let addr = listener.local_addr().map_err(|error| AppError::Listen {
+        addr: config.server.listen.clone(),
+        error,
+    })?;
+    let config = Arc::new(config);
+    let routes = Arc::new(Routes::from_config(&config));
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let broker_stop = CancellationToken::new();
+    let broker_tasks = TaskTracker::new();
+    let delivery_tasks = TaskTracker::new();
+
+    let store: Arc<dyn Store> = Arc::new(RedisStore::new(
+        &config.store.redis_url,
+        &config.broker.prefix,
+        config.server.dedupe_window.0,
+        config.store.retention.0,
+        config.store.history_max,
+    )?);
+    let rabbit = RabbitBroker::start(
+        &config,
+        &routes,
+        broker_stop.clone(),
+        &broker_tasks,
+        metrics.broker_up.clone(),
+    );
+    let broker: Arc<dyn Broker> = rabbit.clone();
+
+    for (node, deliver) in config.push_targets() {
+        let target = PushTarget::new(
+            &node.name,
+            deliver,
+            broker.clone(),
+            store.clone(),
+            metrics.target(&node.name),
+        )?;
+        announce(&target);
+        target.start(shutdown.clone(), &delivery_tasks);
+    }
+    delivery_tasks.close();
+
+    let node_metrics = config
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), metrics.node(&n.name)))
+        .collect();
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        routes,
+        broker,
+        store,
+        metrics,
+        node_metrics,
+    });
+    let app = router(state.clone());
+    let server_shutdown = shutdown.clone();
+    let grace = config.server.shutdown_grace.0;
+    let done = tokio::spawn(async move {
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
+        if let Err(e) = server.await {
+            warn!(error = %e, "HTTP server failed");
+        }
+        info!("HTTP server stopped; finishing deliveries");
+        if tokio::time::timeout(grace, delivery_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace_secs = grace.as_secs(), "deliveries did not finish within the grace period; unacked changes return to their queues");
+        }
+        rabbit.close().await;
+        broker_stop.cancel();
+        broker_tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), broker_tasks.wait()).await;
+        info!("lxbridge stopped");
+    });
+    info!(%addr, "lxbridge listening");
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        done,
+    })
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let listen = config.server.listen.clone();
+    let listener = TcpListener::bind(&listen)
+        .await
+        .map_err(|error| AppError::Listen {
+            addr: listen,
+            error,
+        })?;
+    let running = start(config, listener).await?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received; shutting down");
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,814 @@
+//! The broker: topology, confirmed publishing, consuming, retry and dead-letter publishing,
+//! and reconnecting. [`Broker`] is what the rest of lxbridge sees; [`RabbitBroker`] is the
+//! RabbitMQ implementation. Knows nothing about 1C.
+//!
+//! Two connections, as RabbitMQ advises: one publishes (ingress, retry and DLQ moves), one
+//! consumes (a channel per target). Each is kept by a supervisor task that reconnects with
+//! backoff and jitter and redeclares the topology; while the publishing side is down or
+//! blocked by the broker's flow control, [`Broker::ready`] is false and ingress answers 503.
+
+use crate::config::{Config, DeliverMode};
+use crate::route::Routes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker topology problem: {0}")]
+    Topology(String),
+}
+
+/// One message to publish to a source node's exchange.
+pub struct Outgoing {
+    /// The routing key: the change's type.
+    pub kind: String,
+    pub id: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Stored: the broker confirmed it.
+    Confirmed,
+    /// No queue is bound for it: returned by the broker, nothing stored.
+    Unroutable,
+    /// The broker refused it (nack): nothing stored.
+    Refused,
+}
+
+/// How a consumed message is settled with the backend it came from.
+pub enum AckHandle {
+    Rabbit(lapin::Acker),
+}
+
+/// A change taken from a target's delivery queue.
+pub struct Incoming {
+    pub body: Vec<u8>,
+    /// 1 on the first delivery, raised each time it comes back from a retry step.
+    pub attempt: u32,
+    pub first_failed_ms: Option<i64>,
+    handle: AckHandle,
+}
+
+/// Why a change failed and what failure is the next step.
+pub struct Failure<'a> {
+    pub target: &'a str,
+    pub error: &'a str,
+    /// Publish to the DLQ instead of the next retry step.
+    pub dead: bool,
+    pub source: &'a str,
+    pub kind: &'a str,
+    pub reference: &'a str,
+    pub now_ms: i64,
+}
+
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes messages to `<prefix>.node.<source>`, persistent and mandatory, pipelined,
+    /// and waits for every confirm. `Err` means the broker is unavailable; outcomes are
+    /// per message otherwise.
+    fn publish<'a>(
+        &'a self,
+        source: &'a str,
+        messages: &'a [Outgoing],
+    ) -> BoxFuture<'a, Result<Vec<PublishOutcome>, BrokerError>>;
+    /// True while publishing can succeed (connected, not flow-controlled).
+    fn ready(&self) -> bool;
+    /// The stream of a target's deliveries; it survives reconnects.
+    fn consume(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming>;
+    fn ack(&self, message: Incoming) -> BoxFuture<'_, Result<(), BrokerError>>;
+    /// Moves a failed change to its next retry step, or to the DLQ when `failure.dead` or the
+    /// steps are exhausted, then acks it. Returns true if it went to the DLQ.
+    fn fail<'a>(
+        &'a self,
+        message: Incoming,
+        failure: Failure<'a>,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+}
+
+/// Queue and exchange names under the prefix (API.md "Broker topology").
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn exchange(&self, source: &str) -> String {
+        format!("{}.node.{source}", self.prefix)
+    }
+    pub fn deliver(&self, target: &str) -> String {
+        format!("{}.deliver.{target}", self.prefix)
+    }
+    pub fn retry(&self, target: &str, step: usize) -> String {
+        format!("{}.retry.{target}.{step}", self.prefix)
+    }
+    pub fn dlq(&self, target: &str) -> String {
+        format!("{}.dlq.{target}", self.prefix)
+    }
+}
+
+/// Everything to declare, computed once from the config.
+#[derive(Clone, Debug)]
+struct Topology {
+    names: Names,
+    sources: Vec<String>,
+    targets: Vec<String>,
+    retry_delays: Vec<Duration>,
+    bindings: Vec<(String, String, String)>, // (exchange, queue, pattern)
+}
+
+impl Topology {
+    fn from_config(config: &Config, routes: &Routes) -> Topology {
+        let names = Names {
+            prefix: config.broker.prefix.clone(),
+        };
+        let bindings = routes
+            .bindings()
+            .map(|b| {
+                (
+                    names.exchange(&b.source),
+                    names.deliver(&b.target),
+                    b.pattern.clone(),
+                )
+            })
+            .collect();
+        Topology {
+            sources: config.nodes.iter().map(|n| n.name.clone()).collect(),
+            targets: config
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.deliver
+                        .as_ref()
+                        .is_some_and(|d| d.mode == DeliverMode::Push || d.mode == DeliverMode::Pull)
+                })
+                .map(|n| n.name.clone())
+                .collect(),
+            retry_delays: config.retry.delays.iter().map(|d| d.0).collect(),
+            names,
+            bindings,
+        }
+    }
+
+    async fn declare(&self, ch: &Channel) -> Result<(), BrokerError> {
+        let topo = |what: String, e: lapin::Error| {
+            BrokerError::Topology(format!(
+                "declaring {what} failed: {e}. If it exists with other arguments (for example \
+                 after retry.delays changed), delete it with `rabbitmqctl delete_queue` and restart"
+            ))
+        };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for source in &self.sources {
+            let name = self.names.exchange(source);
+            ch.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| topo(format!("exchange {name}"), e))?;
+        }
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for target in &self.targets {
+            let deliver = self.names.deliver(target);
+            let mut args = quorum_args();
+            ch.queue_declare(deliver.as_str().into(), queue_opts, args.clone())
+                .await
+                .map_err(|e| topo(format!("queue {deliver}"), e))?;
+            for (i, delay) in self.retry_delays.iter().enumerate() {
+                let name = self.names.retry(target, i + 1);
+                let mut retry_args = quorum_args();
+                retry_args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(delay.as_millis() as i64),
+                );
+                retry_args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                retry_args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(deliver.as_str().into()),
+                );
+                retry_args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                retry_args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+                ch.queue_declare(name.as_str().into(), queue_opts, retry_args)
+                    .await
+                    .map_err(|e| topo(format!("queue {name}"), e))?;
+            }
+            let dlq = self.names.dlq(target);
+            args = quorum_args();
+            ch.queue_declare(dlq.as_str().into(), queue_opts, args)
+                .await
+                .map_err(|e| topo(format!("queue {dlq}"), e))?;
+        }
+        for (exchange, queue, pattern) in &self.bindings {
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                pattern.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| topo(format!("binding {exchange} -> {queue} ({pattern})"), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+const H_ATTEMPT: &str = "x-lx-attempt";
+const H_ERROR: &str = "x-lx-error";
+const H_FIRST_FAILED: &str = "x-lx-first-failed";
+const H_LAST_FAILED: &str = "x-lx-last-failed";
+
+fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Backoff with jitter for reconnects: 100 ms doubling to 10 s, ±25 %.
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let jitter = base / 4;
+    Duration::from_millis(base - jitter + nanos % (2 * jitter + 1))
+}
+
+struct Publisher {
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+}
+
+pub struct RabbitBroker {
+    url: String,
+    topology: Topology,
+    publisher: Mutex<Option<Arc<Publisher>>>,
+    blocked: Arc<AtomicBool>,
+    /// Asks the publishing supervisor to reconnect now (a publish saw the channel die).
+    reconnect: tokio::sync::Notify,
+    /// Targets to consume and where their deliveries go.
+    consumers: Mutex<HashMap<String, (u16, mpsc::Sender<Incoming>)>>,
+    /// Bumped when the consumer set changes, so the consuming supervisor picks it up.
+    consumers_changed: watch::Sender<u64>,
+    up: Arc<AtomicBool>,
+    cancel: CancellationToken,
+}
+
+/// Publishing channels per connection: publishes are spread over them.
+const PUBLISH_CHANNELS: usize = 4;
+
+impl RabbitBroker {
+    /// Creates the broker and starts its two supervisors on `tracker`; they connect (and
+    /// keep reconnecting) in the background until `cancel`.
+    pub fn start(
+        config: &Config,
+        routes: &Routes,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+        up_gauge: prometheus::IntGauge,
+    ) -> Arc<RabbitBroker> {
+        let broker = Arc::new(RabbitBroker {
+            url: config.broker.url.clone(),
+            topology: Topology::from_config(config, routes),
+            publisher: Mutex::new(None),
+            blocked: Arc::new(AtomicBool::new(false)),
+            reconnect: tokio::sync::Notify::new(),
+            consumers: Mutex::new(HashMap::new()),
+            consumers_changed: watch::channel(0).0,
+            up: Arc::new(AtomicBool::new(false)),
+            cancel,
+        });
+        tracker.spawn(broker.clone().publishing_supervisor(up_gauge));
+        tracker.spawn(broker.clone().consuming_supervisor());
+        broker
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.topology.names
+    }
+
+    async fn connect(&self, role: &str) -> Result<Connection, lapin::Error> {
+        let props =
+            ConnectionProperties::default().with_connection_name(format!("lxbridge-{role}").into());
+        Connection::connect(&self.url, props).await
+    }
+
+    async fn open_publisher(&self, conn: &Connection) -> Result<Publisher, BrokerError> {
+        let unavailable = |e: lapin::Error| BrokerError::Unavailable(e.to_string());
+        let ch = conn.create_channel().await.map_err(unavailable)?;
+        self.topology.declare(&ch).await?;
+        let mut channels = vec![ch];
+        for _ in 1..PUBLISH_CHANNELS {
+            channels.push(conn.create_channel().await.map_err(unavailable)?);
+        }
+        for ch in &channels {
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(Publisher {
+            channels,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    async fn publishing_supervisor(self: Arc<Self>, up_gauge: prometheus::IntGauge) {
+        let mut attempt = 0u32;
+        while !self.cancel.is_cancelled() {
+            let conn = match self.connect("publish").await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!(error = %e, attempt, "cannot connect to RabbitMQ for publishing; retrying");
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => continue,
+                        _ = self.cancel.cancelled() => break,
+                    }
+                }
+            };
+            match self.open_publisher(&conn).await {
+                Ok(p) => {
+                    *self.publisher.lock().expect("publisher lock") = Some(Arc::new(p));
+                    self.blocked.store(false, Ordering::SeqCst);
+                    self.up.store(true, Ordering::SeqCst);
+                    up_gauge.set(1);
+                    attempt = 0;
+                    info!("publishing connection to RabbitMQ is up");
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot set up the broker topology; retrying");
+                    let _ = conn.close(200, "setup failed".into()).await;
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => continue,
+                        _ = self.cancel.cancelled() => break,
+                    }
+                }
+            }
+            let mut events = conn.events_listener();
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => break,
+                    _ = self.reconnect.notified() => {
+                        if !conn.status().connected() { break }
+                    }
+                    _ = tick.tick() => {
+                        if !conn.status().connected() { break }
+                    }
+                    event = events.next() => match event {
+                        Some(lapin::Event::ConnectionBlocked(reason)) => {
+                            warn!(%reason, "RabbitMQ blocked publishing (flow control)");
+                            self.blocked.store(true, Ordering::SeqCst);
+                        }
+                        Some(lapin::Event::ConnectionUnblocked) => {
+                            info!("RabbitMQ unblocked publishing");
+                            self.blocked.store(false, Ordering::SeqCst);
+                        }
+                        Some(lapin::Event::Error(e)) => {
+                            warn!(error = %e, "publishing connection failed");
+                            break;
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            }
+            self.up.store(false, Ordering::SeqCst);
+            up_gauge.set(0);
+            *self.publisher.lock().expect("publisher lock") = None;
+            if self.cancel.is_cancelled() {
+                let _ = conn.close(200, "lxbridge shutting down".into()).await;
+                break;
+            }
+            warn!("publishing connection to RabbitMQ lost; reconnecting");
+            let _ = conn.close(200, "reconnecting".into()).await;
+        }
+    }
+
+    async fn consuming_supervisor(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        let mut changed = self.consumers_changed.subscribe();
+        while !self.cancel.is_cancelled() {
+            let wanted: Vec<(String, u16, mpsc::Sender<Incoming>)> = self
+                .consumers
+                .lock()
+                .expect("consumers lock")
+                .iter()
+                .map(|(t, (p, tx))| (t.clone(), *p, tx.clone()))
+                .collect();
+            changed.borrow_and_update();
+            if wanted.is_empty() {
+                tokio::select! {
+                    _ = changed.changed() => continue,
+                    _ = self.cancel.cancelled() => break,
+                }
+            }
+            let conn = match self.connect("consume").await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!(error = %e, attempt, "cannot connect to RabbitMQ for consuming; retrying");
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => continue,
+                        _ = self.cancel.cancelled() => break,
+                    }
+                }
+            };
+            let stop = self.cancel.child_token();
+            let tasks = TaskTracker::new();
+            let mut setup_ok = true;
+            for (target, prefetch, tx) in wanted {
+                match self
+                    .start_consumer(&conn, &target, prefetch, tx, stop.clone(), &tasks)
+                    .await
+                {
+                    Ok(()) => info!(%target, prefetch, "consuming"),
+                    Err(e) => {
+                        warn!(%target, error = %e, "cannot start consumer; reconnecting");
+                        setup_ok = false;
+                        break;
+                    }
+                }
+            }
+            tasks.close();
+            if setup_ok {
+                attempt = 0;
+                let mut events = conn.events_listener();
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        _ = changed.changed() => break,
+                        _ = tick.tick() => if !conn.status().connected() { break },
+                        _ = tasks.wait() => break,
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => {
+                                warn!(error = %e, "consuming connection failed");
+                                break;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                }
+            } else {
+                attempt += 1;
+            }
+            stop.cancel();
+            tasks.wait().await;
+            if !self.cancel.is_cancelled() && !setup_ok {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            // Closing the channel returns unacked prefetched messages to the queue.
+            let _ = conn.close(200, "lxbridge consumer restart".into()).await;
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        conn: &Connection,
+        target: &str,
+        prefetch: u16,
+        tx: mpsc::Sender<Incoming>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(), BrokerError> {
+        let unavailable = |e: lapin::Error| BrokerError::Unavailable(e.to_string());
+        let ch = conn.create_channel().await.map_err(unavailable)?;
+        self.topology.declare(&ch).await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let queue = self.topology.names.deliver(target);
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                format!("lxbridge-{target}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let target = target.to_string();
+        tasks.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        let attempt = header_i64(&delivery.properties, H_ATTEMPT)
+                            .and_then(|a| u32::try_from(a).ok())
+                            .unwrap_or(1)
+                            .max(1);
+                        let incoming = Incoming {
+                            attempt,
+                            first_failed_ms: header_i64(&delivery.properties, H_FIRST_FAILED),
+                            handle: AckHandle::Rabbit(delivery.acker),
+                            body: delivery.data,
+                        };
+                        if tx.send(incoming).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(%target, error = %e, "consumer failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let _ = ch
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+            debug!(%target, "consumer stopped");
+        });
+        Ok(())
+    }
+
+    fn publisher(&self) -> Result<Arc<Publisher>, BrokerError> {
+        if self.blocked.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable(
+                "RabbitMQ is applying flow control".into(),
+            ));
+        }
+        self.publisher
+            .lock()
+            .expect("publisher lock")
+            .clone()
+            .ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))
+    }
+
+    fn channel(&self) -> Result<Channel, BrokerError> {
+        let p = self.publisher()?;
+        let i = p.next.fetch_add(1, Ordering::Relaxed) % p.channels.len();
+        Ok(p.channels[i].clone())
+    }
+
+    fn lost(&self, e: lapin::Error) -> BrokerError {
+        self.reconnect.notify_one();
+        BrokerError::Unavailable(e.to_string())
+    }
+
+    /// Publishes one message to a queue through the default exchange and waits for the confirm.
+    async fn publish_to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let ch = self.channel()?;
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(|e| self.lost(e))?
+            .await
+            .map_err(|e| self.lost(e))?;
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Topology(format!(
+                "queue {queue} does not exist"
+            ))),
+            _ => Err(BrokerError::Unavailable(format!(
+                "RabbitMQ refused a message for {queue}"
+            ))),
+        }
+    }
+
+    pub async fn close(&self) {
+        let publisher = self.publisher.lock().expect("publisher lock").take();
+        if let Some(p) = publisher {
+            for ch in &p.channels {
+                let _ = ch.close(200, "bye".into()).await;
+            }
+        }
+    }
+}
+
+impl Broker for RabbitBroker {
+    fn publish<'a>(
+        &'a self,
+        source: &'a str,
+        messages: &'a [Outgoing],
+    ) -> BoxFuture<'a, Result<Vec<PublishOutcome>, BrokerError>> {
+        Box::pin(async move {
+            let ch = self.channel()?;
+            let exchange: ShortString = self.topology.names.exchange(source).into();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let mut confirms = Vec::with_capacity(messages.len());
+            for m in messages {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(m.id.as_str().into())
+                    .with_timestamp(now);
+                let confirm = ch
+                    .basic_publish(
+                        exchange.clone(),
+                        m.kind.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &m.body,
+                        props,
+                    )
+                    .await
+                    .map_err(|e| self.lost(e))?;
+                confirms.push(confirm);
+            }
+            let mut outcomes = Vec::with_capacity(confirms.len());
+            for confirm in confirms {
+                let outcome = match confirm.await.map_err(|e| self.lost(e))? {
+                    lapin::Confirmation::Ack(None) => PublishOutcome::Confirmed,
+                    lapin::Confirmation::Ack(Some(_)) => PublishOutcome::Unroutable,
+                    _ => PublishOutcome::Refused,
+                };
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+    }
+
+    fn ready(&self) -> bool {
+        self.up.load(Ordering::SeqCst) && !self.blocked.load(Ordering::SeqCst)
+    }
+
+    fn consume(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming> {
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        self.consumers
+            .lock()
+            .expect("consumers lock")
+            .insert(target.to_string(), (prefetch, tx));
+        self.consumers_changed.send_modify(|v| *v += 1);
+        rx
+    }
+
+    fn ack(&self, message: Incoming) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            match message.handle {
+                AckHandle::Rabbit(acker) => acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
+    fn fail<'a>(
+        &'a self,
+        message: Incoming,
+        f: Failure<'a>,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(async move {
+            let steps = self.topology.retry_delays.len();
+            let dead = f.dead || message.attempt as usize > steps;
+            let first_failed = message.first_failed_ms.unwrap_or(f.now_ms);
+            let mut headers = FieldTable::default();
+            headers.insert(H_ERROR.into(), long_string(f.error));
+            headers.insert(H_FIRST_FAILED.into(), AMQPValue::LongLongInt(first_failed));
+            headers.insert(H_LAST_FAILED.into(), AMQPValue::LongLongInt(f.now_ms));
+            let queue = if dead {
+                headers.insert(
+                    "x-lx-attempts".into(),
+                    AMQPValue::LongLongInt(i64::from(message.attempt)),
+                );
+                headers.insert("x-lx-source".into(), long_string(f.source));
+                headers.insert("x-lx-type".into(), long_string(f.kind));
+                headers.insert("x-lx-ref".into(), long_string(f.reference));
+                self.topology.names.dlq(f.target)
+            } else {
+                headers.insert(
+                    H_ATTEMPT.into(),
+                    AMQPValue::LongLongInt(i64::from(message.attempt) + 1),
+                );
+                self.topology
+                    .names
+                    .retry(f.target, message.attempt as usize)
+            };
+            self.publish_to_queue(&queue, &message.body, headers)
+                .await?;
+            self.ack(message).await?;
+            Ok(dead)
+        })
+    }
+}
+
+/// Rejects a message that can never be processed (its body is not an lxbridge envelope)
+/// into the DLQ with the reason, so it neither blocks nor loops.
+pub async fn reject_unreadable(broker: &dyn Broker, message: Incoming, target: &str, error: &str) {
+    let failure = Failure {
+        target,
+        error,
+        dead: true,
+        source: "",
+        kind: "",
+        reference: "",
+        now_ms: crate::store::unix_ms_now(),
+    };
+    if let Err(e) = broker.fail(message, failure).await {
+        warn!(%target, error = %e, "could not dead-letter an unreadable message; it stays unacked");
+    }
+}
+
+#[allow(dead_code)]
+fn _reject_options() -> BasicRejectOptions {
+    BasicRejectOptions { requeue: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        assert!(backoff(0) <= Duration::from_millis(125));
+        assert!(backoff(3) >= Duration::from_millis(600));
+        for a in 0..40 {
+            assert!(backoff(a) <= Duration::from_millis(12_500));
+        }
+    }
+
+    #[test]
+    fn names_follow_the_contract() {
+        let n = Names {
+            prefix: "lx".into(),
+        };
+        assert_eq!(n.exchange("central"), "lx.node.central");
+        assert_eq!(n.deliver("shop"), "lx.deliver.shop");
+        assert_eq!(n.retry("shop", 2), "lx.retry.shop.2");
+        assert_eq!(n.dlq("shop"), "lx.dlq.shop");
+    }
+}

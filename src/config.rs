@@ -1,0 +1,638 @@
+//! Configuration: the TOML file of API.md, typed, with defaults, `${ENV}` expansion and a
+//! `validate()` that reports every problem at once (like `vector validate`).
+//!
+//! Reading the file is the only I/O here; everything else is pure so it can be unit-tested.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration as StdDuration;
+
+/// Errors loading a configuration file (not validation problems: see [`Config::validate`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Toml { path: String, message: String },
+    #[error("config file {path}: environment variable {name} (used as ${{{name}}}) is not set")]
+    MissingEnv { path: String, name: String },
+    #[error("config file {path}: {message}")]
+    Schema { path: String, message: String },
+}
+
+/// A duration written as a number with a unit: `250ms`, `10s`, `5m`, `24h`, `7d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(pub StdDuration);
+
+impl Duration {
+    pub const fn from_secs(secs: u64) -> Self {
+        Duration(StdDuration::from_secs(secs))
+    }
+    pub const fn from_millis(ms: u64) -> Self {
+        Duration(StdDuration::from_millis(ms))
+    }
+}
+
+impl std::str::FromStr for Duration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m, h or d)"))?;
+        let (number, unit) = s.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("duration {s:?} does not start with a whole number"))?;
+        let ms = match unit {
+            "ms" => n,
+            "s" => n * 1_000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
+            _ => {
+                return Err(format!(
+                    "duration {s:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        Ok(Duration::from_millis(ms))
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            write!(f, "{ms}ms")
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub dedupe_window: Duration,
+    /// Extension: how long SIGTERM waits for in-flight requests and deliveries.
+    pub shutdown_grace: Duration,
+    /// Extension: `"text"` (default) or `"json"` log lines on stderr.
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            dedupe_window: Duration::from_secs(24 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            log_format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "lx".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub redis_url: String,
+    /// Extension: how long object status, history and delivery marks are kept.
+    pub retention: Duration,
+    /// Extension: how many history events are kept per object (oldest dropped first).
+    pub history_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            retention: Duration::from_secs(30 * 86_400),
+            history_max: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for the admin API; with none set the admin API answers 401.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            delays: ["1s", "10s", "1m", "10m", "1h"]
+                .iter()
+                .map(|d| d.parse().expect("built-in delays parse"))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub token: String,
+    pub deliver: Option<DeliverConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliverMode {
+    Push,
+    Pull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Auth {
+    #[serde(rename = "bearer")]
+    Bearer(String),
+    #[serde(rename = "basic")]
+    Basic { user: String, password: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverConfig {
+    pub mode: DeliverMode,
+    pub url: Option<String>,
+    pub auth: Option<Auth>,
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    #[serde(default = "default_timeout")]
+    pub timeout: Duration,
+    #[serde(default = "default_true")]
+    pub gzip: bool,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_lease")]
+    pub lease: Duration,
+}
+
+fn default_batch_max() -> usize {
+    100
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default = "default_types")]
+    pub types: Vec<String>,
+}
+
+fn default_types() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    pub nodes: Vec<String>,
+    #[serde(default = "default_types")]
+    pub types: Vec<String>,
+    #[serde(default = "default_conflict")]
+    pub conflict: String,
+}
+
+fn default_conflict() -> String {
+    "last_writer_wins".into()
+}
+
+/// `[a-z0-9_-]{1,64}`: node names appear in exchange names, queue names and URLs.
+pub fn valid_node_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A route's type pattern: dot-separated words, each either literal, `*` (one word) or `#`
+/// (zero or more words). A pattern that is exactly `*` means every type. These are RabbitMQ
+/// topic patterns, so routing happens in the broker exactly as [`crate::route`] computes it.
+pub fn type_pattern_problem(pattern: &str) -> Option<String> {
+    if pattern.is_empty() {
+        return Some("is empty".into());
+    }
+    for word in pattern.split('.') {
+        if word.is_empty() {
+            return Some("has an empty word (two dots in a row, or a leading/trailing dot)".into());
+        }
+        if word.len() > 1 && (word.contains('*') || word.contains('#')) {
+            return Some(format!(
+                "uses a wildcard inside the word {word:?}; `*` and `#` must stand for a whole \
+                 dot-separated word, like \"Catalog.*\""
+            ));
+        }
+        if word.chars().any(char::is_whitespace) {
+            return Some("contains whitespace".into());
+        }
+    }
+    None
+}
+
+fn expand_env(value: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after.find('}').ok_or_else(|| ConfigError::Schema {
+                    path: path.into(),
+                    message: format!("unterminated ${{ in value {s:?}"),
+                })?;
+                let name = &after[..end];
+                let val = std::env::var(name).map_err(|_| ConfigError::MissingEnv {
+                    path: path.into(),
+                    name: name.into(),
+                })?;
+                out.push_str(&val);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        toml::Value::Array(items) => {
+            for item in items {
+                expand_env(item, path)?;
+            }
+        }
+        toml::Value::Table(table) => {
+            for (_, item) in table.iter_mut() {
+                expand_env(item, path)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and parses a config file, expanding `${NAME}` from the environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    /// Parses config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Toml {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        expand_env(&mut value, origin)?;
+        Config::deserialize(value).map_err(|e| ConfigError::Schema {
+            path: origin.into(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Every problem in the configuration, one sentence each; empty when it is usable.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "server.listen {:?} is not an address like \"127.0.0.1:8080\"",
+                self.server.listen
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            problems.push("server.max_body_bytes must be greater than 0".into());
+        }
+        if !matches!(self.server.log_format.as_str(), "text" | "json") {
+            problems.push(format!(
+                "server.log_format {:?} is not \"text\" or \"json\"",
+                self.server.log_format
+            ));
+        }
+        if !self.broker.url.starts_with("amqp://") && !self.broker.url.starts_with("amqps://") {
+            problems.push(format!(
+                "broker.url {:?} must start with amqp:// or amqps://",
+                self.broker.url
+            ));
+        }
+        let prefix = &self.broker.prefix;
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            problems.push(format!(
+                "broker.prefix {prefix:?} must be 1-64 characters of a-z, A-Z, 0-9, _, - or ."
+            ));
+        }
+        if !self.store.redis_url.starts_with("redis://")
+            && !self.store.redis_url.starts_with("rediss://")
+        {
+            problems.push(format!(
+                "store.redis_url {:?} must start with redis:// or rediss://",
+                self.store.redis_url
+            ));
+        }
+        if self.store.history_max == 0 {
+            problems.push("store.history_max must be at least 1".into());
+        }
+        if self.retry.delays.is_empty() {
+            problems.push("retry.delays must list at least one delay".into());
+        }
+        if self.retry.delays.len() > 50 {
+            problems.push("retry.delays may list at most 50 delays".into());
+        }
+        if self.nodes.is_empty() {
+            problems.push("no [[node]] is configured".into());
+        }
+
+        let mut seen = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !valid_node_name(&node.name) {
+                problems.push(format!(
+                    "node[{i}].name {:?} must match [a-z0-9_-]{{1,64}}",
+                    node.name
+                ));
+            }
+            if !seen.insert(node.name.as_str()) {
+                problems.push(format!("node name {:?} is used twice", node.name));
+            }
+            if node.token.is_empty() {
+                problems.push(format!("node {:?} has an empty token", node.name));
+            }
+            if let Some(d) = &node.deliver {
+                let at = format!("node {:?} deliver", node.name);
+                match (d.mode, &d.url) {
+                    (DeliverMode::Push, None) => {
+                        problems.push(format!("{at}: mode \"push\" needs a url"))
+                    }
+                    (DeliverMode::Push, Some(url)) => {
+                        if reqwest::Url::parse(url)
+                            .map(|u| !matches!(u.scheme(), "http" | "https") || !u.has_host())
+                            .unwrap_or(true)
+                        {
+                            problems.push(format!(
+                                "{at}: url {url:?} is not an http:// or https:// URL"
+                            ));
+                        }
+                    }
+                    (DeliverMode::Pull, _) => {}
+                }
+                if d.batch_max == 0 || d.batch_max > 10_000 {
+                    problems.push(format!("{at}: batch_max must be between 1 and 10000"));
+                }
+                if d.concurrency == 0 || d.concurrency > 256 {
+                    problems.push(format!("{at}: concurrency must be between 1 and 256"));
+                }
+                if d.timeout.0.is_zero() {
+                    problems.push(format!("{at}: timeout must be greater than 0"));
+                }
+            }
+        }
+
+        let nodes: HashMap<&str, &NodeConfig> =
+            self.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        let mut route_names = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = match &route.name {
+                Some(name) => format!("route {name:?}"),
+                None => format!("route[{i}]"),
+            };
+            if let Some(name) = &route.name {
+                if !route_names.insert(name.as_str()) {
+                    problems.push(format!("route name {name:?} is used twice"));
+                }
+            }
+            if !nodes.contains_key(route.from.as_str()) {
+                problems.push(format!(
+                    "{at}: from {:?} is not a configured node",
+                    route.from
+                ));
+            }
+            if route.to.is_empty() {
+                problems.push(format!("{at}: to lists no target"));
+            }
+            for target in &route.to {
+                match nodes.get(target.as_str()) {
+                    None => problems.push(format!("{at}: to {target:?} is not a configured node")),
+                    Some(n) if n.deliver.is_none() => problems.push(format!(
+                        "{at}: target {target:?} has no [node.deliver] section, so nothing can be delivered to it"
+                    )),
+                    Some(_) if *target == route.from => {
+                        problems.push(format!("{at}: routes node {target:?} to itself"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for pattern in &route.types {
+                if let Some(why) = type_pattern_problem(pattern) {
+                    problems.push(format!("{at}: types pattern {pattern:?} {why}"));
+                }
+            }
+        }
+        for group in &self.groups {
+            problems.push(format!(
+                "group {:?}: [[group]] (parallel copies) is not supported by this version yet",
+                group.name
+            ));
+        }
+        problems
+    }
+
+    /// Nodes that receive changes by push, in config order.
+    pub fn push_targets(&self) -> impl Iterator<Item = (&NodeConfig, &DeliverConfig)> {
+        self.nodes.iter().filter_map(|n| match &n.deliver {
+            Some(d) if d.mode == DeliverMode::Push => Some((n, d)),
+            _ => None,
+        })
+    }
+}
+
+/// The commented example printed by `lxbridge generate-config`; a test checks it validates.
+pub const EXAMPLE: &str = include_str!("../config/lxbridge.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("10s", 10_000),
+            ("5m", 300_000),
+            ("24h", 86_400_000),
+            ("7d", 604_800_000),
+        ] {
+            assert_eq!(
+                text.parse::<Duration>().unwrap(),
+                Duration::from_millis(ms),
+                "{text}"
+            );
+        }
+        for bad in ["10", "s", "10x", "-1s", ""] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn example_config_validates() {
+        let config = Config::parse(EXAMPLE, "example").expect("example parses");
+        assert_eq!(config.validate(), Vec::<String>::new());
+        assert!(config.push_targets().count() >= 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err =
+            Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "t").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn env_values_are_expanded() {
+        std::env::set_var("LXB_TEST_TOKEN", "from-env");
+        let config = Config::parse(
+            "[[node]]\nname = \"a\"\ntoken = \"x-${LXB_TEST_TOKEN}-y\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.nodes[0].token, "x-from-env-y");
+        let err = Config::parse(
+            "[[node]]\nname = \"a\"\ntoken = \"${LXB_NOT_SET_ANYWHERE}\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("LXB_NOT_SET_ANYWHERE"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let config = Config::parse(
+            r#"
+[[node]]
+name = "a"
+token = "t"
+[[node]]
+name = "a"
+token = "t"
+[[node]]
+name = "Shop"
+token = "t"
+[node.deliver]
+mode = "push"
+[[route]]
+from = "a"
+to = ["nowhere"]
+types = ["Catalog.Prod*"]
+"#,
+            "t",
+        )
+        .unwrap();
+        let problems = config.validate();
+        let joined = problems.join("\n");
+        for needle in [
+            "used twice",
+            "\"Shop\" must match",
+            "needs a url",
+            "\"nowhere\" is not a configured node",
+            "Prod*",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+        }
+        assert_eq!(problems.len(), 5, "{joined}");
+    }
+
+    #[test]
+    fn type_patterns() {
+        assert!(type_pattern_problem("Catalog.*").is_none());
+        assert!(type_pattern_problem("Справочник.Номенклатура").is_none());
+        assert!(type_pattern_problem("#").is_none());
+        assert!(type_pattern_problem("Catalog.Pr*").is_some());
+        assert!(type_pattern_problem("Catalog..X").is_some());
+    }
+}

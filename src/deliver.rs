@@ -1,0 +1,499 @@
+//! Push delivery: consumes a target's queue and POSTs batches of changes to the target
+//! (API.md "Delivering to a push node"), then settles each change by the answer.
+//!
+//! Per-object order: a dispatcher hashes each change's ref to one of `concurrency` lanes;
+//! a lane sends one batch at a time, so changes to one object leave in queue order. Before
+//! sending, each change's seq is checked against the target's delivery mark for its ref:
+//! an older one is dropped as `superseded`, an equal one (a redelivery of what the target
+//! already has) is acked without sending. Marks are raised only after the target said ok.
+//!
+//! Invariant: a message is acked only after the target answered for it, or after its move
+//! to a retry step or the DLQ was confirmed by the broker.
+
+use crate::broker::{reject_unreadable, Broker, Failure, Incoming};
+use crate::config::{Auth, DeliverConfig};
+use crate::metrics::TargetMetrics;
+use crate::model::{OutgoingChange, StoredChange};
+use crate::store::{unix_ms_now, HistoryEvent, Record, State, StatusUpdate, Store};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// Everything a target's delivery needs.
+pub struct PushTarget {
+    pub name: String,
+    pub url: String,
+    pub auth: Option<Auth>,
+    pub batch_max: usize,
+    pub timeout: Duration,
+    pub gzip: bool,
+    pub concurrency: usize,
+    pub client: reqwest::Client,
+    pub broker: Arc<dyn Broker>,
+    pub store: Arc<dyn Store>,
+    pub metrics: TargetMetrics,
+}
+
+impl PushTarget {
+    pub fn new(
+        name: &str,
+        d: &DeliverConfig,
+        broker: Arc<dyn Broker>,
+        store: Arc<dyn Store>,
+        metrics: TargetMetrics,
+    ) -> Result<PushTarget, DeliverError> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(d.concurrency)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| DeliverError::Client(e.to_string()))?;
+        Ok(PushTarget {
+            name: name.to_string(),
+            url: d.url.clone().unwrap_or_default(),
+            auth: d.auth.clone(),
+            batch_max: d.batch_max,
+            timeout: d.timeout.0,
+            gzip: d.gzip,
+            concurrency: d.concurrency,
+            client,
+            broker,
+            store,
+            metrics,
+        })
+    }
+
+    /// Prefetch for this target's consumer: enough to keep every lane's next batch ready.
+    fn prefetch(&self) -> u16 {
+        (self.batch_max * self.concurrency * 2).clamp(1, 10_000) as u16
+    }
+
+    /// Starts the dispatcher and lanes on `tracker`; they stop after `cancel`, finishing
+    /// the batch each lane has in flight.
+    pub fn start(self, cancel: CancellationToken, tracker: &TaskTracker) {
+        let target = Arc::new(self);
+        let mut incoming = target.broker.consume(&target.name, target.prefetch());
+        let mut lanes = Vec::with_capacity(target.concurrency);
+        for lane in 0..target.concurrency {
+            let (tx, rx) = mpsc::channel::<(Incoming, StoredChange)>(target.batch_max);
+            lanes.push(tx);
+            tracker.spawn(target.clone().lane(lane, rx, cancel.clone()));
+        }
+        let t = target.clone();
+        tracker.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = incoming.recv() => match m { Some(m) => m, None => break },
+                };
+                let change: StoredChange = match serde_json::from_slice(&message.body) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let why = format!("message is not an lxbridge change: {e}");
+                        warn!(target = %t.name, error = %why, "dead-lettering unreadable message");
+                        reject_unreadable(t.broker.as_ref(), message, &t.name, &why).await;
+                        continue;
+                    }
+                };
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                change.reference.hash(&mut h);
+                let lane = (h.finish() % lanes.len() as u64) as usize;
+                if lanes[lane].send((message, change)).await.is_err() {
+                    break;
+                }
+            }
+            debug!(target = %t.name, "dispatcher stopped");
+        });
+    }
+
+    async fn lane(
+        self: Arc<Self>,
+        lane: usize,
+        mut rx: mpsc::Receiver<(Incoming, StoredChange)>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => break,
+                m = rx.recv() => match m { Some(m) => m, None => break },
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.deliver_batch(batch, &cancel).await;
+        }
+        debug!(target = %self.name, lane, "lane stopped");
+    }
+
+    /// Delivers one batch and settles every message in it.
+    async fn deliver_batch(
+        &self,
+        batch: Vec<(Incoming, StoredChange)>,
+        cancel: &CancellationToken,
+    ) {
+        // Within the batch only the newest change per object is worth sending.
+        let mut newest: HashMap<String, i64> = HashMap::with_capacity(batch.len());
+        for (_, c) in &batch {
+            let e = newest.entry(c.reference.clone()).or_insert(c.seq);
+            *e = (*e).max(c.seq);
+        }
+        let refs: Vec<&str> = newest.keys().map(String::as_str).collect();
+        let marks = loop {
+            match self.store.marks(&self.name, &refs).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    // Without marks, order can't be checked: hold the batch until the store is back.
+                    warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = cancel.cancelled() => return, // unacked: redelivered after restart
+                    }
+                }
+            }
+        };
+        let marks: HashMap<String, i64> = refs
+            .iter()
+            .zip(marks)
+            .filter_map(|(r, m)| m.map(|m| (r.to_string(), m)))
+            .collect();
+
+        let mut send = Vec::with_capacity(batch.len());
+        let mut superseded = Vec::new();
+        let mut already = Vec::new();
+        for (message, change) in batch {
+            let mark = marks.get(change.reference.as_str()).copied();
+            if change.seq < newest[change.reference.as_str()]
+                || mark.is_some_and(|m| change.seq < m)
+            {
+                superseded.push((message, change));
+            } else if mark == Some(change.seq) {
+                already.push(message);
+            } else {
+                send.push((message, change));
+            }
+        }
+        drop(newest);
+        drop(marks);
+
+        let mut records = Vec::new();
+        for (message, change) in superseded {
+            records.push(record(
+                &change,
+                &self.name,
+                State::Superseded,
+                message.attempt,
+                None,
+                "superseded",
+                "a newer change to this object was accepted",
+            ));
+            self.metrics.superseded.inc();
+            self.settle_ack(message).await;
+        }
+        for message in already {
+            debug!(target = %self.name, "redelivered change already delivered; acking");
+            self.settle_ack(message).await;
+        }
+        if send.is_empty() {
+            self.write_records(records).await;
+            return;
+        }
+
+        self.metrics.inflight.add(send.len() as i64);
+        let started = Instant::now();
+        let answer = self.post(&send).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.inflight.sub(send.len() as i64);
+
+        let now_ms = unix_ms_now();
+        let mut delivered_marks: Vec<(&str, i64)> = Vec::new();
+        let mut failures: Vec<(usize, String, bool)> = Vec::new();
+        match &answer {
+            Ok(per_change) => {
+                for (i, (_, change)) in send.iter().enumerate() {
+                    match per_change.get(change.id.as_str()) {
+                        Some((error, retry)) => failures.push((i, error.clone(), !retry)),
+                        None => delivered_marks.push((change.reference.as_str(), change.seq)),
+                    }
+                }
+            }
+            Err(error) => {
+                for i in 0..send.len() {
+                    failures.push((i, error.clone(), false));
+                }
+            }
+        }
+        if let Err(e) = self.store.raise_marks(&self.name, &delivered_marks).await {
+            warn!(target = %self.name, error = %e, "could not raise delivery marks; a redelivery may repeat a change");
+        }
+        let failed: std::collections::HashSet<usize> = failures.iter().map(|f| f.0).collect();
+        let mut failed_messages: HashMap<usize, (Incoming, StoredChange)> = HashMap::new();
+        for (i, (message, change)) in send.into_iter().enumerate() {
+            if failed.contains(&i) {
+                failed_messages.insert(i, (message, change));
+                continue;
+            }
+            self.metrics.ok.inc();
+            self.metrics
+                .end_to_end
+                .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
+            records.push(record(
+                &change,
+                &self.name,
+                State::Delivered,
+                message.attempt,
+                None,
+                "delivered",
+                &format!("attempt {}", message.attempt),
+            ));
+            self.settle_ack(message).await;
+        }
+        for (i, error, dead) in failures {
+            let Some((message, change)) = failed_messages.remove(&i) else {
+                continue;
+            };
+            let attempt = message.attempt;
+            records.push(record(
+                &change,
+                &self.name,
+                State::Retrying,
+                attempt,
+                Some(&error),
+                "failed",
+                &error,
+            ));
+            let failure = Failure {
+                target: &self.name,
+                error: &error,
+                dead,
+                source: &change.source,
+                kind: &change.kind,
+                reference: &change.reference,
+                now_ms,
+            };
+            match self.broker.fail(message, failure).await {
+                Ok(true) => {
+                    self.metrics.dead.inc();
+                    records.push(record(
+                        &change,
+                        &self.name,
+                        State::Dead,
+                        attempt,
+                        Some(&error),
+                        "dead",
+                        &error,
+                    ));
+                }
+                Ok(false) => self.metrics.retry.inc(),
+                Err(e) => {
+                    warn!(target = %self.name, error = %e, change_id = %change.id, "could not move a failed change to retry; it will be redelivered")
+                }
+            }
+        }
+        self.write_records(records).await;
+    }
+
+    async fn settle_ack(&self, message: Incoming) {
+        if let Err(e) = self.broker.ack(message).await {
+            warn!(target = %self.name, error = %e, "ack failed; the change will be redelivered and recognised");
+        }
+    }
+
+    async fn write_records(&self, records: Vec<Record>) {
+        if let Err(e) = self.store.record(records).await {
+            warn!(target = %self.name, error = %e, "could not record delivery status");
+        }
+    }
+
+    /// POSTs the batch. `Ok` maps the ids the target reported in error to (error, retry);
+    /// `Err` is a whole-batch failure (transport, timeout, non-2xx).
+    async fn post(
+        &self,
+        send: &[(Incoming, StoredChange)],
+    ) -> Result<HashMap<String, (String, bool)>, String> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            node: &'a str,
+            changes: Vec<OutgoingChange<'a>>,
+        }
+        let body = Body {
+            node: &self.name,
+            changes: send
+                .iter()
+                .map(|(m, c)| OutgoingChange {
+                    id: &c.id,
+                    kind: &c.kind,
+                    reference: &c.reference,
+                    op: c.op,
+                    data: c.data.as_deref(),
+                    source: &c.source,
+                    seq: c.seq,
+                    attempt: m.attempt,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec(&body).expect("delivery body serialises");
+        let mut request = self
+            .client
+            .post(&self.url)
+            .timeout(self.timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        let payload = if self.gzip {
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(json.len() / 4),
+                flate2::Compression::fast(),
+            );
+            enc.write_all(&json).expect("writing to a Vec");
+            request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
+            enc.finish().expect("finishing a Vec")
+        } else {
+            json
+        };
+        request = match &self.auth {
+            Some(Auth::Bearer(token)) => request.bearer_auth(token),
+            Some(Auth::Basic { user, password }) => request.basic_auth(user, Some(password)),
+            None => request,
+        };
+        let response = request
+            .body(payload)
+            .send()
+            .await
+            .map_err(|e| describe(&e, self.timeout))?;
+        let status = response.status();
+        let text = response
+            .bytes()
+            .await
+            .map_err(|e| describe(&e, self.timeout))?;
+        if !status.is_success() {
+            let snippet = String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned();
+            return Err(format!(
+                "target answered HTTP {}: {snippet}",
+                status.as_u16()
+            ));
+        }
+        Ok(parse_results(&text))
+    }
+}
+
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("target did not answer within {}s", timeout.as_secs_f64())
+    } else if e.is_connect() {
+        format!("cannot connect to target: {}", root_cause(e))
+    } else {
+        format!("HTTP request failed: {}", root_cause(e))
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    cause
+}
+
+/// The target's optional per-change results: failed ids → (error, retry).
+fn parse_results(body: &[u8]) -> HashMap<String, (String, bool)> {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        results: Vec<ChangeResult>,
+    }
+    #[derive(Deserialize)]
+    struct ChangeResult {
+        id: String,
+        #[serde(default)]
+        status: String,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default = "yes")]
+        retry: bool,
+    }
+    fn yes() -> bool {
+        true
+    }
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+        return HashMap::new();
+    };
+    answer
+        .results
+        .into_iter()
+        .filter(|r| r.status == "error")
+        .map(|r| {
+            let error = r
+                .error
+                .unwrap_or_else(|| "target reported an error without a message".into());
+            (r.id, (error, r.retry))
+        })
+        .collect()
+}
+
+fn record(
+    change: &StoredChange,
+    target: &str,
+    state: State,
+    attempts: u32,
+    error: Option<&str>,
+    event: &str,
+    detail: &str,
+) -> Record {
+    Record {
+        reference: change.reference.clone(),
+        status: Some(StatusUpdate {
+            kind: change.kind.clone(),
+            target: target.to_string(),
+            seq: change.seq,
+            state,
+            attempts,
+            last_error: error.map(String::from),
+            force: false,
+        }),
+        event: Some(HistoryEvent {
+            at: crate::store::rfc3339_now(),
+            target: target.to_string(),
+            event: event.to_string(),
+            detail: detail.to_string(),
+        }),
+    }
+}
+
+/// Logs the delivery set-up once at start.
+pub fn announce(target: &PushTarget) {
+    info!(target = %target.name, url = %target.url, batch_max = target.batch_max, concurrency = target.concurrency, "push delivery configured");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_change_results() {
+        let body = br#"{"results": [{"id": "a", "status": "ok"}, {"id": "b", "status": "error", "error": "bad", "retry": false}, {"id": "c", "status": "error", "error": "later"}]}"#;
+        let r = parse_results(body);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r["b"], ("bad".to_string(), false));
+        assert_eq!(r["c"], ("later".to_string(), true));
+        assert!(parse_results(b"").is_empty());
+        assert!(parse_results(b"OK").is_empty());
+    }
+}

@@ -1,0 +1,30 @@
+//! lxbridge: carries 1C:Enterprise object changes between bases and sites through RabbitMQ.
+//!
+//! Data flow (see ARCHITECTURE.md): `ingress` parses and authenticates a POST, `route`
+//! decides the targets, `broker` publishes with confirms to the source node's exchange;
+//! `deliver` consumes each target's queue and pushes batches; `store` keeps every object's
+//! status and history; `admin` shows them; `metrics` counts everything; `app` wires it.
+
+pub mod admin;
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod deliver;
+pub mod ingress;
+pub mod metrics;
+pub mod model;
+pub mod route;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What HTTP handlers share.
+pub struct AppState {
+    pub config: Arc<config::Config>,
+    pub routes: Arc<route::Routes>,
+    pub broker: Arc<dyn broker::Broker>,
+    pub store: Arc<dyn store::Store>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub node_metrics: HashMap<String, metrics::NodeMetrics>,
+}

@@ -1,0 +1,181 @@
+//! Every Prometheus metric lxbridge exports, defined in one place (names per API.md).
+//!
+//! Hot paths hold pre-resolved label handles ([`TargetMetrics`], [`NodeMetrics`]) so that
+//! counting a change allocates nothing.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub ingress_requests: IntCounterVec,
+    pub changes_accepted: IntCounterVec,
+    pub changes_rejected: IntCounterVec,
+    pub deliveries: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub end_to_end: HistogramVec,
+    pub dlq_messages: IntGaugeVec,
+    pub retry_messages: IntGaugeVec,
+    pub inflight: IntGaugeVec,
+    pub broker_up: IntGauge,
+    pub store_up: IntGauge,
+}
+
+/// Label handles for one target node.
+#[derive(Clone)]
+pub struct TargetMetrics {
+    pub ok: IntCounter,
+    pub retry: IntCounter,
+    pub dead: IntCounter,
+    pub superseded: IntCounter,
+    pub duration: Histogram,
+    pub end_to_end: Histogram,
+    pub inflight: IntGauge,
+}
+
+/// Label handles for one source node's ingress.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    pub accepted: IntCounter,
+    pub rejected: IntCounter,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registers once");
+    c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registers once");
+    g
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    // 0.5 ms .. ~65 s
+    let buckets = exponential_buckets(0.0005, 2.0, 18).expect("bucket definition");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registers once");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registers once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            ingress_requests: counter_vec(
+                &r,
+                "lx_ingress_requests_total",
+                "Ingress HTTP requests by source node and status code",
+                &["node", "code"],
+            ),
+            changes_accepted: counter_vec(
+                &r,
+                "lx_changes_accepted_total",
+                "Changes accepted (broker-confirmed) per source node",
+                &["node"],
+            ),
+            changes_rejected: counter_vec(
+                &r,
+                "lx_changes_rejected_total",
+                "Changes rejected at ingress per source node",
+                &["node"],
+            ),
+            deliveries: counter_vec(
+                &r,
+                "lx_deliveries_total",
+                "Change deliveries per target by result (ok, retry, dead, superseded)",
+                &["target", "result"],
+            ),
+            delivery_duration: histogram_vec(
+                &r,
+                "lx_delivery_duration_seconds",
+                "Duration of one delivery batch to a target",
+                &["target"],
+            ),
+            end_to_end: histogram_vec(
+                &r,
+                "lx_end_to_end_seconds",
+                "Per change, from accepted at ingress to delivered at the target",
+                &["target"],
+            ),
+            dlq_messages: gauge_vec(
+                &r,
+                "lx_dlq_messages",
+                "Changes in a target's dead-letter queue",
+                &["target"],
+            ),
+            retry_messages: gauge_vec(
+                &r,
+                "lx_retry_messages",
+                "Changes waiting in a target's retry queues",
+                &["target"],
+            ),
+            inflight: gauge_vec(
+                &r,
+                "lx_inflight",
+                "Changes handed to a target and not yet answered",
+                &["target"],
+            ),
+            broker_up: gauge(
+                &r,
+                "lx_broker_up",
+                "1 while the publishing connection to RabbitMQ is up",
+            ),
+            store_up: gauge(&r, "lx_store_up", "1 while the store (Redis) answers"),
+            registry: r,
+        }
+    }
+
+    pub fn target(&self, target: &str) -> TargetMetrics {
+        TargetMetrics {
+            ok: self.deliveries.with_label_values(&[target, "ok"]),
+            retry: self.deliveries.with_label_values(&[target, "retry"]),
+            dead: self.deliveries.with_label_values(&[target, "dead"]),
+            superseded: self.deliveries.with_label_values(&[target, "superseded"]),
+            duration: self.delivery_duration.with_label_values(&[target]),
+            end_to_end: self.end_to_end.with_label_values(&[target]),
+            inflight: self.inflight.with_label_values(&[target]),
+        }
+    }
+
+    pub fn node(&self, node: &str) -> NodeMetrics {
+        NodeMetrics {
+            accepted: self.changes_accepted.with_label_values(&[node]),
+            rejected: self.changes_rejected.with_label_values(&[node]),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("Prometheus text is UTF-8")
+    }
+}

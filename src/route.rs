@@ -1,0 +1,168 @@
+//! Routing, pure: which targets a change of a given type from a given source goes to.
+//!
+//! Route `types` are RabbitMQ topic patterns over the type (`Catalog.*`, `Document.Order`,
+//! `#`); the lone pattern `*` means every type. The broker routes with the very same
+//! patterns as bindings ([`Routes::bindings`]); this module answers the same question
+//! in-process so ingress can reject a change no route takes before publishing it.
+
+use crate::config::Config;
+use std::collections::{BTreeSet, HashMap};
+
+/// One binding: changes from `source` whose type matches `pattern` go to `target`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Binding {
+    pub source: String,
+    pub target: String,
+    /// The RabbitMQ topic pattern.
+    pub pattern: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Routes {
+    by_source: HashMap<String, Vec<Binding>>,
+}
+
+/// Turns a route pattern into the topic pattern the broker uses.
+fn topic_pattern(pattern: &str) -> String {
+    if pattern == "*" {
+        "#".to_string()
+    } else {
+        pattern.to_string()
+    }
+}
+
+/// RabbitMQ topic matching: `*` is exactly one word, `#` zero or more.
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(w), Some(kw)) => w == kw && go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+impl Routes {
+    pub fn from_config(config: &Config) -> Routes {
+        let mut set = BTreeSet::new();
+        for route in &config.routes {
+            for target in &route.to {
+                for pattern in &route.types {
+                    set.insert(Binding {
+                        source: route.from.clone(),
+                        target: target.clone(),
+                        pattern: topic_pattern(pattern),
+                    });
+                }
+            }
+        }
+        let mut by_source: HashMap<String, Vec<Binding>> = HashMap::new();
+        for binding in set {
+            by_source
+                .entry(binding.source.clone())
+                .or_default()
+                .push(binding);
+        }
+        Routes { by_source }
+    }
+
+    /// Targets for a change of `kind` from `source`, each once, in name order.
+    pub fn targets(&self, source: &str, kind: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        if let Some(bindings) = self.by_source.get(source) {
+            for b in bindings {
+                if !out.contains(&b.target.as_str()) && topic_matches(&b.pattern, kind) {
+                    out.push(&b.target);
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Every binding, for declaring the topology.
+    pub fn bindings(&self) -> impl Iterator<Item = &Binding> {
+        self.by_source.values().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_matching_table() {
+        let cases = [
+            ("Catalog.*", "Catalog.Products", true),
+            ("Catalog.*", "Catalog.Номенклатура", true),
+            ("Catalog.*", "Document.Order", false),
+            ("Catalog.*", "Catalog", false),
+            ("Catalog.*", "Catalog.A.B", false),
+            ("#", "Anything.At.All", true),
+            ("#", "X", true),
+            ("Document.Order", "Document.Order", true),
+            ("Document.Order", "Document.Orders", false),
+            ("*.Order", "Document.Order", true),
+            ("Catalog.#", "Catalog", true),
+            ("Catalog.#", "Catalog.A.B", true),
+            (
+                "InformationRegister.*",
+                "InformationRegister.ЦеныНоменклатуры",
+                true,
+            ),
+        ];
+        for (pattern, key, want) in cases {
+            assert_eq!(topic_matches(pattern, key), want, "{pattern} vs {key}");
+        }
+    }
+
+    #[test]
+    fn targets_follow_routes() {
+        let config = Config::parse(
+            r#"
+[[node]]
+name = "central"
+token = "t"
+[[node]]
+name = "shop"
+token = "t"
+deliver = { mode = "push", url = "http://127.0.0.1:1/" }
+[[node]]
+name = "erp"
+token = "t"
+deliver = { mode = "push", url = "http://127.0.0.1:1/" }
+[[route]]
+from = "central"
+to = ["shop", "erp"]
+types = ["Catalog.*"]
+[[route]]
+from = "central"
+to = ["erp"]
+[[route]]
+from = "shop"
+to = ["central"]
+types = ["Document.Order"]
+"#,
+            "t",
+        )
+        .unwrap();
+        let routes = Routes::from_config(&config);
+        assert_eq!(
+            routes.targets("central", "Catalog.Products"),
+            vec!["erp", "shop"]
+        );
+        assert_eq!(routes.targets("central", "Document.Order"), vec!["erp"]);
+        assert_eq!(routes.targets("shop", "Document.Order"), vec!["central"]);
+        assert!(routes.targets("shop", "Catalog.Products").is_empty());
+        assert!(routes.targets("erp", "Catalog.Products").is_empty());
+        // the lone "*" (the default) becomes the all-matching topic pattern
+        assert!(routes
+            .bindings()
+            .any(|b| b.target == "erp" && b.pattern == "#"));
+    }
+}
