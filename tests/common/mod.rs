@@ -1,0 +1,503 @@
+//! Test harness: a real lxbridge on port 0 against the real RabbitMQ and Redis, under a
+//! unique broker prefix per test; a real HTTP target server that records what it received
+//! and can be told to fail; a TCP proxy that cuts connections (the Toxiproxy idea).
+//!
+//! The services must be up: a test that can't reach them fails (it never skips).
+#![allow(dead_code)]
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use deadpool_redis::redis;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// A broker prefix no other test (or earlier run) uses.
+pub fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "lxt-{name}-{}-{}-{nanos:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Waits until `check` is true or panics with `what` after `timeout`.
+pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut check: F) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP target
+
+/// What the target answers for one change: None = ok, Some((error, retry)).
+pub type Verdict = Arc<dyn Fn(&Value) -> Option<(String, bool)> + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub change: Value,
+    pub authorization: Option<String>,
+    pub gzip: bool,
+    pub node: String,
+}
+
+pub struct TargetInner {
+    pub received: Mutex<Vec<Received>>,
+    /// Batches (POSTs) received, each as its list of change ids.
+    pub batches: Mutex<Vec<Vec<String>>>,
+    pub verdict: Mutex<Option<Verdict>>,
+    /// Answer every POST with this status instead (0 = normal).
+    pub status: AtomicUsize,
+    pub delay_ms: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub inner: Arc<TargetInner>,
+}
+
+impl Target {
+    pub async fn start() -> Target {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener).await
+    }
+
+    /// Serves on a given listener (to come back on the same port after `Target::stop`).
+    pub async fn serve(listener: TcpListener) -> Target {
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(TargetInner {
+            received: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
+            verdict: Mutex::new(None),
+            status: AtomicUsize::new(0),
+            delay_ms: AtomicU64::new(0),
+        });
+        let app = Router::new()
+            .route("/receive", post(receive))
+            .with_state(inner.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Target { addr, inner }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/receive", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.inner.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.inner.received.lock().unwrap().len()
+    }
+
+    /// Distinct change ids received.
+    pub fn distinct_ids(&self) -> std::collections::HashSet<String> {
+        self.received()
+            .iter()
+            .map(|r| r.change["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// How many times each id arrived.
+    pub fn id_counts(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for r in self.received() {
+            *m.entry(r.change["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        m
+    }
+
+    pub fn set_verdict(
+        &self,
+        f: impl Fn(&Value) -> Option<(String, bool)> + Send + Sync + 'static,
+    ) {
+        *self.inner.verdict.lock().unwrap() = Some(Arc::new(f));
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.inner.status.store(status as usize, Ordering::SeqCst);
+    }
+}
+
+async fn receive(State(t): State<Arc<TargetInner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let delay = t.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = t.status.load(Ordering::SeqCst);
+    if status != 0 {
+        return (
+            StatusCode::from_u16(status as u16).unwrap(),
+            "target is failing on purpose",
+        )
+            .into_response();
+    }
+    let gz = headers
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip");
+    let raw = if gz {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    } else {
+        body.to_vec()
+    };
+    let parsed: Value = serde_json::from_slice(&raw).expect("lxbridge sent JSON");
+    let node = parsed["node"].as_str().unwrap_or_default().to_string();
+    let authorization = headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_string());
+    let verdict = t.verdict.lock().unwrap().clone();
+    let mut results = Vec::new();
+    let mut ids = Vec::new();
+    for change in parsed["changes"].as_array().expect("changes array") {
+        ids.push(change["id"].as_str().unwrap_or_default().to_string());
+        let outcome = verdict.as_ref().and_then(|v| v(change));
+        match outcome {
+            None => {
+                t.received.lock().unwrap().push(Received {
+                    change: change.clone(),
+                    authorization: authorization.clone(),
+                    gzip: gz,
+                    node: node.clone(),
+                });
+                results.push(serde_json::json!({"id": change["id"], "status": "ok"}));
+            }
+            Some((error, retry)) => results.push(
+                serde_json::json!({"id": change["id"], "status": "error", "error": error, "retry": retry}),
+            ),
+        }
+    }
+    t.batches.lock().unwrap().push(ids);
+    axum::Json(serde_json::json!({ "results": results })).into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// lxbridge under test
+
+pub struct Bridge {
+    pub prefix: String,
+    pub addr: SocketAddr,
+    pub config: lxbridge::config::Config,
+    pub http: reqwest::Client,
+    running: Option<lxbridge::app::Running>,
+}
+
+/// Replaces `{prefix}`, `{amqp}` and `{redis}` in a config template.
+pub fn render(template: &str, prefix: &str, amqp: &str) -> String {
+    template
+        .replace("{prefix}", prefix)
+        .replace("{amqp}", amqp)
+        .replace("{redis}", REDIS_URL)
+}
+
+impl Bridge {
+    /// Starts lxbridge with a config template and waits until it is ready.
+    pub async fn start(name: &str, template: &str) -> Bridge {
+        Self::start_with(&unique_prefix(name), template, AMQP_URL, true).await
+    }
+
+    pub async fn start_with(prefix: &str, template: &str, amqp: &str, wait_ready: bool) -> Bridge {
+        let text = render(template, prefix, amqp);
+        let config =
+            lxbridge::config::Config::parse(&text, "test config").expect("test config parses");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = lxbridge::app::start(config.clone(), listener)
+            .await
+            .expect("lxbridge starts");
+        let bridge = Bridge {
+            prefix: prefix.to_string(),
+            addr: running.addr,
+            config,
+            http: reqwest::Client::new(),
+            running: Some(running),
+        };
+        if wait_ready {
+            bridge.wait_ready(Duration::from_secs(20)).await;
+        }
+        bridge
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "lxbridge not ready after {timeout:?}: are RabbitMQ ({AMQP_URL}) and Redis ({REDIS_URL}) running?"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs a body to a node's ingress with Bearer auth.
+    pub async fn post(
+        &self,
+        node: &str,
+        token: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        self.post_with(
+            node,
+            Some(&format!("Bearer {token}")),
+            content_type,
+            None,
+            body,
+        )
+        .await
+    }
+
+    pub async fn post_with(
+        &self,
+        node: &str,
+        authorization: Option<&str>,
+        content_type: &str,
+        content_encoding: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/api/v1/nodes/{node}/changes")))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        if let Some(e) = content_encoding {
+            req = req.header("content-encoding", e);
+        }
+        let resp = req.send().await.expect("ingress answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("non-JSON answer {status}: {text}"));
+        (status, value)
+    }
+
+    /// POSTs JSON changes (an array) with Bearer auth.
+    pub async fn post_json(&self, node: &str, token: &str, changes: &Value) -> (u16, Value) {
+        self.post(
+            node,
+            token,
+            "application/json",
+            serde_json::to_vec(changes).unwrap(),
+        )
+        .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let token = self.config.admin.token.clone().unwrap_or_default();
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Stops lxbridge gracefully (as SIGTERM would).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    /// Stops lxbridge and removes its queues, exchanges and Redis keys.
+    pub async fn finish(mut self) {
+        self.stop().await;
+        cleanup(&self.config).await;
+    }
+}
+
+/// Deletes everything a config's prefix created in RabbitMQ and Redis.
+pub async fn cleanup(config: &lxbridge::config::Config) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let prefix = &config.broker.prefix;
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable for cleanup");
+    let ch = conn.create_channel().await.unwrap();
+    for node in &config.nodes {
+        let _ = ch
+            .exchange_delete(
+                format!("{prefix}.node.{}", node.name).as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        if node.deliver.is_some() {
+            let mut queues = vec![
+                format!("{prefix}.deliver.{}", node.name),
+                format!("{prefix}.dlq.{}", node.name),
+            ];
+            for step in 1..=config.retry.delays.len() {
+                queues.push(format!("{prefix}.retry.{}.{step}", node.name));
+            }
+            for q in queues {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+    }
+    let _ = conn.close(200, "cleanup".into()).await;
+    let mut redis = redis_conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for chunk in keys.chunks(500) {
+        let _: () = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis reachable at 127.0.0.1:6379")
+}
+
+/// Message count of a queue (passive declare).
+pub async fn queue_len(queue: &str) -> u32 {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable");
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let _ = conn.close(200, "".into()).await;
+    q.message_count()
+}
+
+// ---------------------------------------------------------------------------------------
+// A TCP proxy that can cut connections
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    enabled: Arc<AtomicBool>,
+    cut: broadcast::Sender<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let enabled = Arc::new(AtomicBool::new(true));
+        let (cut, _) = broadcast::channel(4);
+        let upstream = upstream.to_string();
+        let (en, cut_tx) = (enabled.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    break;
+                };
+                if !en.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut cut_rx = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.recv() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, enabled, cut }
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.enabled.store(false, Ordering::SeqCst);
+        let _ = self.cut.send(());
+    }
+
+    pub fn restore(&self) {
+        self.enabled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
