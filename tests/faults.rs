@@ -1,0 +1,250 @@
+//! Faults: the broker connection cut (through a TCP proxy, so tests beside this one are not
+//! disturbed), the broker unreachable at start, and SIGTERM under load. Every change that got
+//! 202 must arrive.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn config(target: &Target) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "10s"
+[broker]
+url = "{{amqp}}"
+prefix = "{{prefix}}"
+[store]
+redis_url = "{{redis}}"
+[admin]
+token = "admin-secret"
+[retry]
+delays = ["200ms", "500ms", "1s", "2s", "5s"]
+[[node]]
+name = "central"
+token = "central-secret"
+[[node]]
+name = "shop"
+token = "shop-secret"
+deliver = {{ mode = "push", url = "{}", batch_max = 20, concurrency = 2 }}
+[[route]]
+from = "central"
+to = ["shop"]
+"#,
+        target.url()
+    )
+}
+
+fn batch(prefix: &str, start: usize, n: usize) -> Value {
+    Value::Array(
+        (start..start + n)
+            .map(|i| json!({"id": format!("{prefix}-{i}"), "type": "Catalog.X", "ref": format!("r-{i}"), "data": {"i": i}}))
+            .collect(),
+    )
+}
+
+/// Ids of a 202 answer's accepted items.
+fn accepted_ids(answer: &Value) -> Vec<String> {
+    answer["results"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter(|i| i["status"] == "accepted")
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
+    let target = Target::start().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let bridge = Bridge::start_with(&unique_prefix("cut"), &config(&target), &proxy.amqp_url(), true).await;
+
+    let accepted = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let mut saw_503 = false;
+    let mut retry_after = None;
+    let start = Instant::now();
+    let mut i = 0;
+    let mut cut_at = None;
+    let mut restored = false;
+    while start.elapsed() < Duration::from_secs(8) {
+        if cut_at.is_none() && start.elapsed() > Duration::from_secs(1) {
+            proxy.cut();
+            cut_at = Some(Instant::now());
+        }
+        if let Some(at) = cut_at {
+            if !restored && at.elapsed() > Duration::from_secs(3) {
+                proxy.restore();
+                restored = true;
+            }
+        }
+        let resp = bridge
+            .http
+            .post(bridge.url("/api/v1/nodes/central/changes"))
+            .bearer_auth("central-secret")
+            .header("content-type", "application/json")
+            .body(batch("cut", i, 10).to_string())
+            .send()
+            .await
+            .unwrap();
+        i += 10;
+        let status = resp.status().as_u16();
+        let ra = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let body: Value = resp.json_value().await;
+        match status {
+            202 => accepted.lock().unwrap().extend(accepted_ids(&body)),
+            503 => {
+                saw_503 = true;
+                retry_after = ra;
+                assert!(body["error"].as_str().unwrap().contains("unavailable"), "{body}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(saw_503, "ingress answered 503 while the broker was away");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    // It recovered by itself: a request now is accepted.
+    bridge.wait_ready(Duration::from_secs(20)).await;
+    let (status, body) = bridge.post_json("central", "central-secret", &batch("cut-after", 0, 5)).await;
+    assert_eq!(status, 202, "{body}");
+    accepted.lock().unwrap().extend(accepted_ids(&body));
+
+    let want = accepted.lock().unwrap().clone();
+    assert!(want.len() > 50, "load ran: {} accepted", want.len());
+    eventually(Duration::from_secs(60), "every 202'd change delivered", || {
+        let got = target.distinct_ids();
+        want.iter().all(|id| got.contains(id))
+    })
+    .await;
+    let metrics = bridge.metrics().await;
+    assert!(metrics.contains("lx_broker_up 1"), "{metrics}");
+    assert!(metrics.contains("lx_ingress_requests_total{code=\"503\",node=\"central\"}"), "{metrics}");
+    bridge.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_at_start_is_503_until_it_appears() {
+    let target = Target::start().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    proxy.cut();
+    let bridge = Bridge::start_with(&unique_prefix("late"), &config(&target), &proxy.amqp_url(), false).await;
+    let ready = bridge.http.get(bridge.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let body: Value = ready.json_value().await;
+    assert_eq!(body, json!({"broker": false, "store": true}));
+    let (status, body) = bridge.post_json("central", "central-secret", &batch("late", 0, 3)).await;
+    assert_eq!(status, 503, "{body}");
+    proxy.restore();
+    bridge.wait_ready(Duration::from_secs(30)).await;
+    let (status, body) = bridge.post_json("central", "central-secret", &batch("late", 3, 3)).await;
+    assert_eq!(status, 202, "{body}");
+    eventually(Duration::from_secs(20), "3 changes delivered", || target.count() == 3).await;
+    bridge.finish().await;
+}
+
+/// Sends SIGTERM to the lxbridge binary while thousands of changes are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_and_loses_nothing() {
+    let target = Target::start().await;
+    // A slow target keeps most changes queued when SIGTERM comes.
+    target.inner.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    let prefix = unique_prefix("sigterm");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = render(&config(&target), &prefix, AMQP_URL).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
+    std::fs::write(&path, &text).unwrap();
+    let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lxbridge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("lxbridge binary starts")
+    };
+    let wait_ready = |http: reqwest::Client, base: String| async move {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "binary not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let mut child = spawn();
+    wait_ready(http.clone(), base.clone()).await;
+    let mut accepted: HashSet<String> = HashSet::new();
+    for r in 0..50 {
+        let resp = http
+            .post(format!("{base}/api/v1/nodes/central/changes"))
+            .bearer_auth("central-secret")
+            .header("content-type", "application/json")
+            .body(batch("t", r * 100, 100).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        accepted.extend(accepted_ids(&resp.json_value().await));
+    }
+    assert_eq!(accepted.len(), 5000);
+    assert!(target.count() < 5000, "changes still in flight when SIGTERM is sent");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(15), "lxbridge did not exit within the grace period");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let delivered_before_restart = target.count();
+    assert!(delivered_before_restart < 5000, "SIGTERM came while changes were in flight");
+
+    let mut child = spawn();
+    wait_ready(http.clone(), base.clone()).await;
+    target.inner.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    eventually(Duration::from_secs(60), "all 5000 changes delivered after restart", || {
+        target.distinct_ids().len() == 5000
+    })
+    .await;
+    let got = target.distinct_ids();
+    assert!(accepted.iter().all(|id| got.contains(id)));
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    cleanup(&parsed).await;
+}
+
+trait JsonValue {
+    async fn json_value(self) -> Value;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> Value {
+        let text = self.text().await.unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    }
+}
