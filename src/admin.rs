@@ -2,11 +2,15 @@
 //! it over HTTP. Reads through the store; never bypasses `broker` or `store`.
 
 use crate::ingress::{error_response, same_secret};
+use crate::store::{rfc3339_now, HistoryEvent, Record, State as ObjState, StatusUpdate};
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::json;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// `None` when the request carries the admin token, else the 401 answer.
@@ -122,4 +126,122 @@ pub mod cli {
             Err(_) => text,
         })
     }
+}
+
+#[derive(serde::Deserialize)]
+pub struct DlqQuery {
+    limit: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Selection {
+    ids: Option<Vec<String>>,
+}
+
+/// Parses `{}` or `{"ids": [...]}`; an id list selects, no list means all.
+fn selection(body: &[u8]) -> Result<Option<HashSet<String>>, Response> {
+    let parsed: Selection = serde_json::from_slice(body).map_err(|e| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            format!("body must be {{}} (all) or {{\"ids\": [\"...\"]}}: {e}"),
+        )
+    })?;
+    Ok(parsed.ids.map(|ids| ids.into_iter().collect()))
+}
+
+fn known_target(app: &AppState, target: &str) -> Option<Response> {
+    match app.config.node(target) {
+        Some(n) if n.deliver.is_some() => None,
+        _ => Some(error_response(
+            StatusCode::NOT_FOUND,
+            format!("{target:?} is not a node that receives deliveries"),
+        )),
+    }
+}
+
+/// `GET /api/v1/dlq/{target}?limit=100`
+pub async fn list_dlq(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    Query(query): Query<DlqQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = check_admin(&app, &headers).or_else(|| known_target(&app, &target)) {
+        return r;
+    }
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let _guard = app.dlq_lock.lock().await;
+    match app.broker.dead_letters(&target, limit).await {
+        Ok((count, items)) => {
+            Json(json!({"target": target, "count": count, "items": items})).into_response()
+        }
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/dlq/{target}/replay` and `DELETE /api/v1/dlq/{target}`.
+async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8], replay: bool) -> Response {
+    if let Some(r) = check_admin(app, headers).or_else(|| known_target(app, target)) {
+        return r;
+    }
+    let ids = match selection(body) {
+        Ok(ids) => ids,
+        Err(r) => return r,
+    };
+    let taken = {
+        let _guard = app.dlq_lock.lock().await;
+        match app.broker.take_dead(target, ids.as_ref(), replay).await {
+            Ok(taken) => taken,
+            Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    };
+    let at = rfc3339_now();
+    let records = taken
+        .iter()
+        .map(|item| Record {
+            reference: item.reference.clone(),
+            status: replay.then(|| StatusUpdate {
+                kind: item.kind.clone(),
+                target: target.to_string(),
+                seq: item.seq,
+                state: ObjState::Queued,
+                attempts: 0,
+                last_error: None,
+                force: true,
+            }),
+            event: Some(HistoryEvent {
+                at: at.clone(),
+                target: target.to_string(),
+                event: if replay { "replayed" } else { "purged" }.into(),
+                detail: format!("id {} from the DLQ (was: {})", item.id, item.error),
+            }),
+        })
+        .collect();
+    if let Err(e) = app.store.record(records).await {
+        tracing::warn!(%target, error = %e, "could not record DLQ replay/purge in history");
+    }
+    if let Ok((dlq, _)) = app.broker.queue_depths(target).await {
+        app.metrics.dlq_messages.with_label_values(&[target]).set(i64::from(dlq));
+    }
+    let key = if replay { "replayed" } else { "purged" };
+    Json(json!({ key: taken.len() })).into_response()
+}
+
+pub async fn replay_dlq(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    take_dlq(&app, &target, &headers, &body, true).await
+}
+
+pub async fn purge_dlq(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    take_dlq(&app, &target, &headers, &body, false).await
 }

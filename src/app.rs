@@ -67,6 +67,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
         .route("/api/v1/objects/{*reference}", get(admin::get_object))
+        .route("/api/v1/dlq/{target}", get(admin::list_dlq).delete(admin::purge_dlq))
+        .route("/api/v1/dlq/{target}/replay", post(admin::replay_dlq))
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -167,7 +169,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         store,
         metrics,
         node_metrics,
+        dlq_lock: tokio::sync::Mutex::new(()),
     });
+    spawn_queue_depths(&state, shutdown.clone(), &broker_tasks);
     let app = router(state.clone());
     let server_shutdown = shutdown.clone();
     let grace = config.server.shutdown_grace.0;
@@ -197,6 +201,34 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         shutdown,
         done,
     })
+}
+
+/// Every few seconds, reads the DLQ and retry queue depths into `lx_dlq_messages` and
+/// `lx_retry_messages`.
+fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &TaskTracker) {
+    let state = state.clone();
+    tracker.spawn(async move {
+        let targets: Vec<String> = state
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.deliver.is_some())
+            .map(|n| n.name.clone())
+            .collect();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for target in &targets {
+                if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
+                    state.metrics.dlq_messages.with_label_values(&[target]).set(i64::from(dlq));
+                    state.metrics.retry_messages.with_label_values(&[target]).set(i64::from(retry));
+                }
+            }
+        }
+    });
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.

@@ -13,12 +13,12 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    BasicGetOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,6 +100,34 @@ pub trait Broker: Send + Sync + 'static {
         message: Incoming,
         failure: Failure<'a>,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+    /// The DLQ's message count and up to `limit` of its items, left in place.
+    fn dead_letters<'a>(&'a self, target: &'a str, limit: usize) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>>;
+    /// Removes the DLQ items with the given ids (all when `None`); with `replay` each is
+    /// first republished to the target's delivery queue at attempt 1. Returns those taken.
+    fn take_dead<'a>(
+        &'a self,
+        target: &'a str,
+        ids: Option<&'a HashSet<String>>,
+        replay: bool,
+    ) -> BoxFuture<'a, Result<Vec<DeadItem>, BrokerError>>;
+    /// Messages in the target's DLQ and, summed, in its retry queues.
+    fn queue_depths<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<(u32, u32), BrokerError>>;
+}
+
+/// A dead change as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadItem {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub source: String,
+    pub attempts: u32,
+    pub error: String,
+    pub dead_at: String,
+    #[serde(skip)]
+    pub seq: i64,
 }
 
 /// Queue and exchange names under the prefix (API.md "Broker topology").
@@ -272,6 +300,38 @@ fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
     }
 }
 
+fn header_str(props: &BasicProperties, name: &str) -> String {
+    let value = props.headers().as_ref().and_then(|h| h.inner().get(name).cloned());
+    match value {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Reads a dead-lettered message's facts from its headers (and id/seq from its body).
+fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
+    #[derive(serde::Deserialize, Default)]
+    struct Ids {
+        #[serde(default)]
+        id: String,
+        #[serde(default)]
+        seq: i64,
+    }
+    let ids: Ids = serde_json::from_slice(&delivery.data).unwrap_or_default();
+    let p = &delivery.properties;
+    DeadItem {
+        id: ids.id,
+        kind: header_str(p, "x-lx-type"),
+        reference: header_str(p, "x-lx-ref"),
+        source: header_str(p, "x-lx-source"),
+        attempts: header_i64(p, "x-lx-attempts").and_then(|a| u32::try_from(a).ok()).unwrap_or(0),
+        error: header_str(p, H_ERROR),
+        dead_at: crate::store::rfc3339_ms(header_i64(p, H_LAST_FAILED).unwrap_or(0)),
+        seq: ids.seq,
+    }
+}
+
 fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
@@ -288,6 +348,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 struct Publisher {
+    conn: Arc<Connection>,
     channels: Vec<Channel>,
     next: AtomicUsize,
 }
@@ -346,7 +407,7 @@ impl RabbitBroker {
         Connection::connect(&self.url, props).await
     }
 
-    async fn open_publisher(&self, conn: &Connection) -> Result<Publisher, BrokerError> {
+    async fn open_publisher(&self, conn: &Arc<Connection>) -> Result<Publisher, BrokerError> {
         let unavailable = |e: lapin::Error| BrokerError::Unavailable(e.to_string());
         let ch = conn.create_channel().await.map_err(unavailable)?;
         self.topology.declare(&ch).await?;
@@ -360,6 +421,7 @@ impl RabbitBroker {
                 .map_err(unavailable)?;
         }
         Ok(Publisher {
+            conn: conn.clone(),
             channels,
             next: AtomicUsize::new(0),
         })
@@ -369,7 +431,7 @@ impl RabbitBroker {
         let mut attempt = 0u32;
         while !self.cancel.is_cancelled() {
             let conn = match self.connect("publish").await {
-                Ok(conn) => conn,
+                Ok(conn) => Arc::new(conn),
                 Err(e) => {
                     warn!(error = %e, attempt, "cannot connect to RabbitMQ for publishing; retrying");
                     attempt += 1;
@@ -643,6 +705,26 @@ impl RabbitBroker {
         }
     }
 
+    /// A channel of its own on the publishing connection, for admin work on queues.
+    async fn admin_channel(&self) -> Result<Channel, BrokerError> {
+        let p = self.publisher()?;
+        let ch = p.conn.create_channel().await.map_err(|e| self.lost(e))?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| self.lost(e))?;
+        Ok(ch)
+    }
+
+    async fn passive_count(&self, ch: &Channel, queue: &str) -> Result<u32, BrokerError> {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::Topology(format!("queue {queue}: {e}")))?;
+        Ok(q.message_count())
+    }
+
     pub async fn close(&self) {
         let publisher = self.publisher.lock().expect("publisher lock").take();
         if let Some(p) = publisher {
@@ -764,6 +846,76 @@ impl Broker for RabbitBroker {
             Ok(dead)
         })
     }
+
+    fn dead_letters<'a>(&'a self, target: &'a str, limit: usize) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>> {
+        Box::pin(async move {
+            let ch = self.admin_channel().await?;
+            let queue = self.topology.names.dlq(target);
+            let count = self.passive_count(&ch, &queue).await?;
+            let mut items = Vec::new();
+            // Held unacked on this channel, then returned to the queue when it closes.
+            while items.len() < limit {
+                match ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
+                    Ok(Some(message)) => items.push(dead_item(&message.delivery)),
+                    Ok(None) => break,
+                    Err(e) => return Err(self.lost(e)),
+                }
+            }
+            let _ = ch.close(200, "dlq listed".into()).await;
+            Ok((count, items))
+        })
+    }
+
+    fn take_dead<'a>(
+        &'a self,
+        target: &'a str,
+        ids: Option<&'a HashSet<String>>,
+        replay: bool,
+    ) -> BoxFuture<'a, Result<Vec<DeadItem>, BrokerError>> {
+        Box::pin(async move {
+            let ch = self.admin_channel().await?;
+            let queue = self.topology.names.dlq(target);
+            let deliver = self.topology.names.deliver(target);
+            let mut taken = Vec::new();
+            loop {
+                let message = match ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.lost(e)),
+                };
+                let item = dead_item(&message.delivery);
+                if ids.is_some_and(|ids| !ids.contains(&item.id)) {
+                    continue; // stays unacked until the channel closes, then goes back
+                }
+                if replay {
+                    // A fresh start: no attempt or error headers.
+                    self.publish_to_queue(&deliver, &message.delivery.data, FieldTable::default()).await?;
+                }
+                message
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| self.lost(e))?;
+                taken.push(item);
+            }
+            let _ = ch.close(200, "dlq taken".into()).await;
+            Ok(taken)
+        })
+    }
+
+    fn queue_depths<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<(u32, u32), BrokerError>> {
+        Box::pin(async move {
+            let ch = self.admin_channel().await?;
+            let dlq = self.passive_count(&ch, &self.topology.names.dlq(target)).await?;
+            let mut retry = 0;
+            for step in 1..=self.topology.retry_delays.len() {
+                retry += self.passive_count(&ch, &self.topology.names.retry(target, step)).await?;
+            }
+            let _ = ch.close(200, "depths".into()).await;
+            Ok((dlq, retry))
+        })
+    }
 }
 
 /// Rejects a message that can never be processed (its body is not an lxbridge envelope)
@@ -781,11 +933,6 @@ pub async fn reject_unreadable(broker: &dyn Broker, message: Incoming, target: &
     if let Err(e) = broker.fail(message, failure).await {
         warn!(%target, error = %e, "could not dead-letter an unreadable message; it stays unacked");
     }
-}
-
-#[allow(dead_code)]
-fn _reject_options() -> BasicRejectOptions {
-    BasicRejectOptions { requeue: false }
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub struct PushTarget {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub metrics: TargetMetrics,
+    breaker: Breaker,
 }
 
 impl PushTarget {
@@ -71,6 +72,7 @@ impl PushTarget {
             client,
             broker,
             store,
+            breaker: Breaker::new(metrics.breaker_open.clone()),
             metrics,
         })
     }
@@ -124,19 +126,33 @@ impl PushTarget {
         mut rx: mpsc::Receiver<(Incoming, StoredChange)>,
         cancel: CancellationToken,
     ) {
+        // A retried change travels alone, so a change the target can't take (one that
+        // fails its whole batch) can't take the changes beside it down with it.
+        let mut next: Option<(Incoming, StoredChange)> = None;
         loop {
-            let first = tokio::select! {
-                _ = cancel.cancelled() => break,
-                m = rx.recv() => match m { Some(m) => m, None => break },
+            let first = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = rx.recv() => match m { Some(m) => m, None => break },
+                },
             };
+            let alone = first.0.attempt > 1;
             let mut batch = vec![first];
-            while batch.len() < self.batch_max {
+            while !alone && batch.len() < self.batch_max {
                 match rx.try_recv() {
+                    Ok(m) if m.0.attempt > 1 => {
+                        next = Some(m);
+                        break;
+                    }
                     Ok(m) => batch.push(m),
                     Err(_) => break,
                 }
             }
             self.deliver_batch(batch, &cancel).await;
+            if cancel.is_cancelled() {
+                break;
+            }
         }
         debug!(target = %self.name, lane, "lane stopped");
     }
@@ -214,71 +230,65 @@ impl PushTarget {
             return;
         }
 
-        self.metrics.inflight.add(send.len() as i64);
-        let started = Instant::now();
-        let answer = self.post(&send).await;
-        self.metrics
-            .duration
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.inflight.sub(send.len() as i64);
-
-        let now_ms = unix_ms_now();
-        let mut delivered_marks: Vec<(&str, i64)> = Vec::new();
-        let mut failures: Vec<(usize, String, bool)> = Vec::new();
-        match &answer {
-            Ok(per_change) => {
-                for (i, (_, change)) in send.iter().enumerate() {
-                    match per_change.get(change.id.as_str()) {
-                        Some((error, retry)) => failures.push((i, error.clone(), !retry)),
-                        None => delivered_marks.push((change.reference.as_str(), change.seq)),
+        // Send; while the breaker says the target is down, hold the batch and try again
+        // (a held batch uses no retry step, so an outage does not walk changes to the DLQ).
+        let answer = loop {
+            let Some(probe) = self.breaker.admit(cancel).await else {
+                return; // shutting down: unacked, redelivered after restart
+            };
+            self.metrics.inflight.add(send.len() as i64);
+            let started = Instant::now();
+            let answer = self.post(&send).await;
+            self.metrics.duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.inflight.sub(send.len() as i64);
+            match answer {
+                Err(SendError::Unreachable(e)) => {
+                    if self.breaker.unreachable(probe, &self.name, &e) {
+                        continue;
                     }
+                    break Err(e);
+                }
+                Err(SendError::Refused(e)) => {
+                    self.breaker.reachable(probe, &self.name);
+                    break Err(e);
+                }
+                Ok(per_change) => {
+                    self.breaker.reachable(probe, &self.name);
+                    break Ok(per_change);
                 }
             }
-            Err(error) => {
-                for i in 0..send.len() {
-                    failures.push((i, error.clone(), false));
-                }
-            }
-        }
-        if let Err(e) = self.store.raise_marks(&self.name, &delivered_marks).await {
+        };
+
+        // What became of each change: None = delivered, Some((error, dead)) = failed.
+        let outcomes: Vec<Option<(String, bool)>> = match &answer {
+            Ok(per_change) => send
+                .iter()
+                .map(|(_, c)| per_change.get(c.id.as_str()).map(|(e, retry)| (e.clone(), !retry)))
+                .collect(),
+            Err(error) => send.iter().map(|_| Some((error.clone(), false))).collect(),
+        };
+        let delivered: Vec<(&str, i64)> = send
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.is_none())
+            .map(|((_, c), _)| (c.reference.as_str(), c.seq))
+            .collect();
+        if let Err(e) = self.store.raise_marks(&self.name, &delivered).await {
             warn!(target = %self.name, error = %e, "could not raise delivery marks; a redelivery may repeat a change");
         }
-        let failed: std::collections::HashSet<usize> = failures.iter().map(|f| f.0).collect();
-        let mut failed_messages: HashMap<usize, (Incoming, StoredChange)> = HashMap::new();
-        for (i, (message, change)) in send.into_iter().enumerate() {
-            if failed.contains(&i) {
-                failed_messages.insert(i, (message, change));
-                continue;
-            }
-            self.metrics.ok.inc();
-            self.metrics
-                .end_to_end
-                .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
-            records.push(record(
-                &change,
-                &self.name,
-                State::Delivered,
-                message.attempt,
-                None,
-                "delivered",
-                &format!("attempt {}", message.attempt),
-            ));
-            self.settle_ack(message).await;
-        }
-        for (i, error, dead) in failures {
-            let Some((message, change)) = failed_messages.remove(&i) else {
+        drop(delivered);
+
+        let now_ms = unix_ms_now();
+        for ((message, change), outcome) in send.into_iter().zip(outcomes) {
+            let attempt = message.attempt;
+            let Some((error, dead)) = outcome else {
+                self.metrics.ok.inc();
+                self.metrics.end_to_end.observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
+                records.push(record(&change, &self.name, State::Delivered, attempt, None, "delivered", &format!("attempt {attempt}")));
+                self.settle_ack(message).await;
                 continue;
             };
-            let attempt = message.attempt;
-            records.push(record(
-                &change,
-                &self.name,
-                State::Retrying,
-                attempt,
-                Some(&error),
-                "failed",
-                &error,
-            ));
+            records.push(record(&change, &self.name, State::Retrying, attempt, Some(&error), "failed", &error));
             let failure = Failure {
                 target: &self.name,
                 error: &error,
@@ -291,20 +301,10 @@ impl PushTarget {
             match self.broker.fail(message, failure).await {
                 Ok(true) => {
                     self.metrics.dead.inc();
-                    records.push(record(
-                        &change,
-                        &self.name,
-                        State::Dead,
-                        attempt,
-                        Some(&error),
-                        "dead",
-                        &error,
-                    ));
+                    records.push(record(&change, &self.name, State::Dead, attempt, Some(&error), "dead", &error));
                 }
                 Ok(false) => self.metrics.retry.inc(),
-                Err(e) => {
-                    warn!(target = %self.name, error = %e, change_id = %change.id, "could not move a failed change to retry; it will be redelivered")
-                }
+                Err(e) => warn!(target = %self.name, error = %e, change_id = %change.id, "could not move a failed change to retry; it will be redelivered"),
             }
         }
         self.write_records(records).await;
@@ -327,7 +327,7 @@ impl PushTarget {
     async fn post(
         &self,
         send: &[(Incoming, StoredChange)],
-    ) -> Result<HashMap<String, (String, bool)>, String> {
+    ) -> Result<HashMap<String, (String, bool)>, SendError> {
         #[derive(Serialize)]
         struct Body<'a> {
             node: &'a str,
@@ -371,24 +371,116 @@ impl PushTarget {
             Some(Auth::Basic { user, password }) => request.basic_auth(user, Some(password)),
             None => request,
         };
-        let response = request
-            .body(payload)
-            .send()
-            .await
-            .map_err(|e| describe(&e, self.timeout))?;
+        let unreachable = |e: reqwest::Error| SendError::Unreachable(describe(&e, self.timeout));
+        let response = request.body(payload).send().await.map_err(unreachable)?;
         let status = response.status();
-        let text = response
-            .bytes()
-            .await
-            .map_err(|e| describe(&e, self.timeout))?;
+        let text = response.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
             let snippet = String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned();
-            return Err(format!(
-                "target answered HTTP {}: {snippet}",
-                status.as_u16()
-            ));
+            let error = format!("target answered HTTP {}: {snippet}", status.as_u16());
+            // A gateway in front of a target that is down, or a target asking for air.
+            return Err(match status.as_u16() {
+                429 | 502 | 503 | 504 => SendError::Unreachable(error),
+                _ => SendError::Refused(error),
+            });
         }
         Ok(parse_results(&text))
+    }
+}
+
+/// Why a whole batch failed.
+enum SendError {
+    /// The target could not be reached or is unavailable: counts toward the breaker.
+    Unreachable(String),
+    /// The target answered, but not 2xx: the batch goes to its retry step.
+    Refused(String),
+}
+
+/// A circuit breaker per target: after `THRESHOLD` unreachable answers in a row it opens;
+/// while open, lanes wait; after a cool-down (1 s doubling to 30 s) one lane probes with its
+/// batch; a reachable answer closes it.
+pub struct Breaker {
+    state: std::sync::Mutex<BreakerState>,
+    gauge: prometheus::IntGauge,
+}
+
+#[derive(Default)]
+struct BreakerState {
+    failures: u32,
+    open: bool,
+    probing: bool,
+    until: Option<Instant>,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    const THRESHOLD: u32 = 5;
+    const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
+    const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+    pub fn new(gauge: prometheus::IntGauge) -> Breaker {
+        gauge.set(0);
+        Breaker { state: std::sync::Mutex::new(BreakerState::default()), gauge }
+    }
+
+    /// Waits until a batch may be sent; `Some(true)` when it is the half-open probe,
+    /// `None` when cancelled.
+    async fn admit(&self, cancel: &CancellationToken) -> Option<bool> {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().expect("breaker lock");
+                if !s.open {
+                    return Some(false);
+                }
+                let now = Instant::now();
+                match s.until {
+                    Some(until) if now < until => until - now,
+                    _ if s.probing => Duration::from_millis(50),
+                    _ => {
+                        s.probing = true;
+                        return Some(true);
+                    }
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(wait.min(Duration::from_millis(500))) => {}
+            }
+        }
+    }
+
+    fn reachable(&self, probe: bool, target: &str) {
+        let mut s = self.state.lock().expect("breaker lock");
+        s.failures = 0;
+        if s.open && (probe || !s.probing) {
+            *s = BreakerState::default();
+            self.gauge.set(0);
+            info!(%target, "target answers again; breaker closed");
+        }
+    }
+
+    /// Records an unreachable answer; true means hold the batch and send it again later.
+    fn unreachable(&self, probe: bool, target: &str, error: &str) -> bool {
+        let mut s = self.state.lock().expect("breaker lock");
+        if probe {
+            s.probing = false;
+            s.cooldown = (s.cooldown * 2).min(Self::MAX_COOLDOWN);
+            s.until = Some(Instant::now() + s.cooldown);
+            return true;
+        }
+        if s.open {
+            return true;
+        }
+        s.failures += 1;
+        if s.failures < Self::THRESHOLD {
+            return false;
+        }
+        s.open = true;
+        s.cooldown = Self::FIRST_COOLDOWN;
+        s.until = Some(Instant::now() + s.cooldown);
+        self.gauge.set(1);
+        warn!(%target, %error, "target unreachable {} times in a row; breaker open, deliveries paused", Self::THRESHOLD);
+        true
     }
 }
 

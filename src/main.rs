@@ -33,6 +33,11 @@ enum Command {
     Validate(ConfigArg),
     /// Print a commented example config that validates.
     GenerateConfig,
+    /// List, replay or purge a target's dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Print an object's status per target and its history.
     Status {
         #[command(flatten)]
@@ -40,6 +45,45 @@ enum Command {
         /// The object's ref.
         reference: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the DLQ's count and items.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Send dead changes (all, or those given with --id) back for delivery at attempt 1.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        target: String,
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
+    /// Delete dead changes (all, or those given with --id).
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        target: String,
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
+}
+
+fn selection(ids: Vec<String>) -> Option<serde_json::Value> {
+    Some(if ids.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::json!({ "ids": ids })
+    })
 }
 
 /// sysexits.h EX_USAGE / EX_DATAERR-style code for a bad config, as API.md fixes.
@@ -71,6 +115,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => report(run(args)),
+        Command::Dlq { action } => report(match action {
+            DlqAction::List { config, target, limit } => admin_call(config, move |c| {
+                let path = format!("/api/v1/dlq/{}?limit={limit}", cli::encode_segment(&target));
+                (c, reqwest::Method::GET, path, None)
+            }),
+            DlqAction::Replay { config, target, ids } => admin_call(config, move |c| {
+                let path = format!("/api/v1/dlq/{}/replay", cli::encode_segment(&target));
+                (c, reqwest::Method::POST, path, selection(ids))
+            }),
+            DlqAction::Purge { config, target, ids } => admin_call(config, move |c| {
+                let path = format!("/api/v1/dlq/{}", cli::encode_segment(&target));
+                (c, reqwest::Method::DELETE, path, selection(ids))
+            }),
+        }),
         Command::Status { config, reference } => report(admin_call(config, move |c| {
             let path = format!("/api/v1/objects/{}", cli::encode_segment(&reference));
             (c, reqwest::Method::GET, path, None)

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     pub broker_up: IntGauge,
     pub store_up: IntGauge,
+    pub breaker_open: IntGaugeVec,
 }
 
 /// Label handles for one target node.
@@ -33,6 +34,7 @@ pub struct TargetMetrics {
     pub duration: Histogram,
     pub end_to_end: Histogram,
     pub inflight: IntGauge,
+    pub breaker_open: IntGauge,
 }
 
 /// Label handles for one source node's ingress.
@@ -147,6 +149,7 @@ impl Metrics {
                 "1 while the publishing connection to RabbitMQ is up",
             ),
             store_up: gauge(&r, "lx_store_up", "1 while the store (Redis) answers"),
+            breaker_open: gauge_vec(&r, "lx_breaker_open", "1 while a target's circuit breaker is open (deliveries paused)", &["target"]),
             registry: r,
         }
     }
@@ -160,6 +163,7 @@ impl Metrics {
             duration: self.delivery_duration.with_label_values(&[target]),
             end_to_end: self.end_to_end.with_label_values(&[target]),
             inflight: self.inflight.with_label_values(&[target]),
+            breaker_open: self.breaker_open.with_label_values(&[target]),
         }
     }
 
