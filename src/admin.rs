@@ -181,7 +181,13 @@ pub async fn list_dlq(
 }
 
 /// `POST /api/v1/dlq/{target}/replay` and `DELETE /api/v1/dlq/{target}`.
-async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8], replay: bool) -> Response {
+async fn take_dlq(
+    app: &AppState,
+    target: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    replay: bool,
+) -> Response {
     if let Some(r) = check_admin(app, headers).or_else(|| known_target(app, target)) {
         return r;
     }
@@ -189,6 +195,8 @@ async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8]
         Ok(ids) => ids,
         Err(r) => return r,
     };
+    // Taken before the moves, so `replayed` sorts before the delivery that may follow at once.
+    let at = rfc3339_now();
     let taken = {
         let _guard = app.dlq_lock.lock().await;
         match app.broker.take_dead(target, ids.as_ref(), replay).await {
@@ -196,7 +204,6 @@ async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8]
             Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     };
-    let at = rfc3339_now();
     let records = taken
         .iter()
         .map(|item| Record {
@@ -208,7 +215,7 @@ async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8]
                 state: ObjState::Queued,
                 attempts: 0,
                 last_error: None,
-                force: true,
+                revive: true,
             }),
             event: Some(HistoryEvent {
                 at: at.clone(),
@@ -222,7 +229,10 @@ async fn take_dlq(app: &AppState, target: &str, headers: &HeaderMap, body: &[u8]
         tracing::warn!(%target, error = %e, "could not record DLQ replay/purge in history");
     }
     if let Ok((dlq, _)) = app.broker.queue_depths(target).await {
-        app.metrics.dlq_messages.with_label_values(&[target]).set(i64::from(dlq));
+        app.metrics
+            .dlq_messages
+            .with_label_values(&[target])
+            .set(i64::from(dlq));
     }
     let key = if replay { "replayed" } else { "purged" };
     Json(json!({ key: taken.len() })).into_response()

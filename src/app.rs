@@ -67,7 +67,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
         .route("/api/v1/objects/{*reference}", get(admin::get_object))
-        .route("/api/v1/dlq/{target}", get(admin::list_dlq).delete(admin::purge_dlq))
+        .route(
+            "/api/v1/dlq/{target}",
+            get(admin::list_dlq).delete(admin::purge_dlq),
+        )
         .route("/api/v1/dlq/{target}/replay", post(admin::replay_dlq))
         .route(
             "/healthz",
@@ -223,8 +226,16 @@ fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &
             }
             for target in &targets {
                 if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
-                    state.metrics.dlq_messages.with_label_values(&[target]).set(i64::from(dlq));
-                    state.metrics.retry_messages.with_label_values(&[target]).set(i64::from(retry));
+                    state
+                        .metrics
+                        .dlq_messages
+                        .with_label_values(&[target])
+                        .set(i64::from(dlq));
+                    state
+                        .metrics
+                        .retry_messages
+                        .with_label_values(&[target])
+                        .set(i64::from(retry));
                 }
             }
         }

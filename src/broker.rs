@@ -12,8 +12,8 @@ use crate::route::Routes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicGetOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -101,7 +101,11 @@ pub trait Broker: Send + Sync + 'static {
         failure: Failure<'a>,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
     /// The DLQ's message count and up to `limit` of its items, left in place.
-    fn dead_letters<'a>(&'a self, target: &'a str, limit: usize) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>>;
+    fn dead_letters<'a>(
+        &'a self,
+        target: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>>;
     /// Removes the DLQ items with the given ids (all when `None`); with `replay` each is
     /// first republished to the target's delivery queue at attempt 1. Returns those taken.
     fn take_dead<'a>(
@@ -111,7 +115,10 @@ pub trait Broker: Send + Sync + 'static {
         replay: bool,
     ) -> BoxFuture<'a, Result<Vec<DeadItem>, BrokerError>>;
     /// Messages in the target's DLQ and, summed, in its retry queues.
-    fn queue_depths<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<(u32, u32), BrokerError>>;
+    fn queue_depths<'a>(
+        &'a self,
+        target: &'a str,
+    ) -> BoxFuture<'a, Result<(u32, u32), BrokerError>>;
 }
 
 /// A dead change as the admin API lists it.
@@ -301,7 +308,10 @@ fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
 }
 
 fn header_str(props: &BasicProperties, name: &str) -> String {
-    let value = props.headers().as_ref().and_then(|h| h.inner().get(name).cloned());
+    let value = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned());
     match value {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
@@ -325,7 +335,9 @@ fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
         kind: header_str(p, "x-lx-type"),
         reference: header_str(p, "x-lx-ref"),
         source: header_str(p, "x-lx-source"),
-        attempts: header_i64(p, "x-lx-attempts").and_then(|a| u32::try_from(a).ok()).unwrap_or(0),
+        attempts: header_i64(p, "x-lx-attempts")
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0),
         error: header_str(p, H_ERROR),
         dead_at: crate::store::rfc3339_ms(header_i64(p, H_LAST_FAILED).unwrap_or(0)),
         seq: ids.seq,
@@ -709,7 +721,9 @@ impl RabbitBroker {
     async fn admin_channel(&self) -> Result<Channel, BrokerError> {
         let p = self.publisher()?;
         let ch = p.conn.create_channel().await.map_err(|e| self.lost(e))?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| self.lost(e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.lost(e))?;
         Ok(ch)
     }
 
@@ -717,7 +731,10 @@ impl RabbitBroker {
         let q = ch
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -847,7 +864,11 @@ impl Broker for RabbitBroker {
         })
     }
 
-    fn dead_letters<'a>(&'a self, target: &'a str, limit: usize) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>> {
+    fn dead_letters<'a>(
+        &'a self,
+        target: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(u32, Vec<DeadItem>), BrokerError>> {
         Box::pin(async move {
             let ch = self.admin_channel().await?;
             let queue = self.topology.names.dlq(target);
@@ -855,7 +876,10 @@ impl Broker for RabbitBroker {
             let mut items = Vec::new();
             // Held unacked on this channel, then returned to the queue when it closes.
             while items.len() < limit {
-                match ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
+                match ch
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                {
                     Ok(Some(message)) => items.push(dead_item(&message.delivery)),
                     Ok(None) => break,
                     Err(e) => return Err(self.lost(e)),
@@ -878,7 +902,10 @@ impl Broker for RabbitBroker {
             let deliver = self.topology.names.deliver(target);
             let mut taken = Vec::new();
             loop {
-                let message = match ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
+                let message = match ch
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => return Err(self.lost(e)),
@@ -889,7 +916,8 @@ impl Broker for RabbitBroker {
                 }
                 if replay {
                     // A fresh start: no attempt or error headers.
-                    self.publish_to_queue(&deliver, &message.delivery.data, FieldTable::default()).await?;
+                    self.publish_to_queue(&deliver, &message.delivery.data, FieldTable::default())
+                        .await?;
                 }
                 message
                     .delivery
@@ -904,13 +932,20 @@ impl Broker for RabbitBroker {
         })
     }
 
-    fn queue_depths<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<(u32, u32), BrokerError>> {
+    fn queue_depths<'a>(
+        &'a self,
+        target: &'a str,
+    ) -> BoxFuture<'a, Result<(u32, u32), BrokerError>> {
         Box::pin(async move {
             let ch = self.admin_channel().await?;
-            let dlq = self.passive_count(&ch, &self.topology.names.dlq(target)).await?;
+            let dlq = self
+                .passive_count(&ch, &self.topology.names.dlq(target))
+                .await?;
             let mut retry = 0;
             for step in 1..=self.topology.retry_delays.len() {
-                retry += self.passive_count(&ch, &self.topology.names.retry(target, step)).await?;
+                retry += self
+                    .passive_count(&ch, &self.topology.names.retry(target, step))
+                    .await?;
             }
             let _ = ch.close(200, "depths".into()).await;
             Ok((dlq, retry))

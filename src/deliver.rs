@@ -239,7 +239,9 @@ impl PushTarget {
             self.metrics.inflight.add(send.len() as i64);
             let started = Instant::now();
             let answer = self.post(&send).await;
-            self.metrics.duration.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
             self.metrics.inflight.sub(send.len() as i64);
             match answer {
                 Err(SendError::Unreachable(e)) => {
@@ -263,7 +265,11 @@ impl PushTarget {
         let outcomes: Vec<Option<(String, bool)>> = match &answer {
             Ok(per_change) => send
                 .iter()
-                .map(|(_, c)| per_change.get(c.id.as_str()).map(|(e, retry)| (e.clone(), !retry)))
+                .map(|(_, c)| {
+                    per_change
+                        .get(c.id.as_str())
+                        .map(|(e, retry)| (e.clone(), !retry))
+                })
                 .collect(),
             Err(error) => send.iter().map(|_| Some((error.clone(), false))).collect(),
         };
@@ -283,12 +289,30 @@ impl PushTarget {
             let attempt = message.attempt;
             let Some((error, dead)) = outcome else {
                 self.metrics.ok.inc();
-                self.metrics.end_to_end.observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
-                records.push(record(&change, &self.name, State::Delivered, attempt, None, "delivered", &format!("attempt {attempt}")));
+                self.metrics
+                    .end_to_end
+                    .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
+                records.push(record(
+                    &change,
+                    &self.name,
+                    State::Delivered,
+                    attempt,
+                    None,
+                    "delivered",
+                    &format!("attempt {attempt}"),
+                ));
                 self.settle_ack(message).await;
                 continue;
             };
-            records.push(record(&change, &self.name, State::Retrying, attempt, Some(&error), "failed", &error));
+            records.push(record(
+                &change,
+                &self.name,
+                State::Retrying,
+                attempt,
+                Some(&error),
+                "failed",
+                &error,
+            ));
             let failure = Failure {
                 target: &self.name,
                 error: &error,
@@ -301,10 +325,20 @@ impl PushTarget {
             match self.broker.fail(message, failure).await {
                 Ok(true) => {
                     self.metrics.dead.inc();
-                    records.push(record(&change, &self.name, State::Dead, attempt, Some(&error), "dead", &error));
+                    records.push(record(
+                        &change,
+                        &self.name,
+                        State::Dead,
+                        attempt,
+                        Some(&error),
+                        "dead",
+                        &error,
+                    ));
                 }
                 Ok(false) => self.metrics.retry.inc(),
-                Err(e) => warn!(target = %self.name, error = %e, change_id = %change.id, "could not move a failed change to retry; it will be redelivered"),
+                Err(e) => {
+                    warn!(target = %self.name, error = %e, change_id = %change.id, "could not move a failed change to retry; it will be redelivered")
+                }
             }
         }
         self.write_records(records).await;
@@ -420,7 +454,10 @@ impl Breaker {
 
     pub fn new(gauge: prometheus::IntGauge) -> Breaker {
         gauge.set(0);
-        Breaker { state: std::sync::Mutex::new(BreakerState::default()), gauge }
+        Breaker {
+            state: std::sync::Mutex::new(BreakerState::default()),
+            gauge,
+        }
     }
 
     /// Waits until a batch may be sent; `Some(true)` when it is the half-open probe,
@@ -558,7 +595,7 @@ fn record(
             state,
             attempts,
             last_error: error.map(String::from),
-            force: false,
+            revive: false,
         }),
         event: Some(HistoryEvent {
             at: crate::store::rfc3339_now(),

@@ -518,7 +518,7 @@ fn history(
                             state: ObjState::Queued,
                             attempts: 0,
                             last_error: None,
-                            force: false,
+                            revive: false,
                         }),
                         event: None,
                     });

@@ -116,15 +116,27 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => report(run(args)),
         Command::Dlq { action } => report(match action {
-            DlqAction::List { config, target, limit } => admin_call(config, move |c| {
+            DlqAction::List {
+                config,
+                target,
+                limit,
+            } => admin_call(config, move |c| {
                 let path = format!("/api/v1/dlq/{}?limit={limit}", cli::encode_segment(&target));
                 (c, reqwest::Method::GET, path, None)
             }),
-            DlqAction::Replay { config, target, ids } => admin_call(config, move |c| {
+            DlqAction::Replay {
+                config,
+                target,
+                ids,
+            } => admin_call(config, move |c| {
                 let path = format!("/api/v1/dlq/{}/replay", cli::encode_segment(&target));
                 (c, reqwest::Method::POST, path, selection(ids))
             }),
-            DlqAction::Purge { config, target, ids } => admin_call(config, move |c| {
+            DlqAction::Purge {
+                config,
+                target,
+                ids,
+            } => admin_call(config, move |c| {
                 let path = format!("/api/v1/dlq/{}", cli::encode_segment(&target));
                 (c, reqwest::Method::DELETE, path, selection(ids))
             }),

@@ -149,7 +149,12 @@ impl Metrics {
                 "1 while the publishing connection to RabbitMQ is up",
             ),
             store_up: gauge(&r, "lx_store_up", "1 while the store (Redis) answers"),
-            breaker_open: gauge_vec(&r, "lx_breaker_open", "1 while a target's circuit breaker is open (deliveries paused)", &["target"]),
+            breaker_open: gauge_vec(
+                &r,
+                "lx_breaker_open",
+                "1 while a target's circuit breaker is open (deliveries paused)",
+                &["target"],
+            ),
             registry: r,
         }
     }

@@ -55,8 +55,8 @@ pub struct StatusUpdate {
     pub state: State,
     pub attempts: u32,
     pub last_error: Option<String>,
-    /// Overwrite whatever is there (used by replay).
-    pub force: bool,
+    /// Also replace a `dead` state, whatever its seq (replay revives dead changes).
+    pub revive: bool,
 }
 
 /// One line of an object's history.
@@ -171,15 +171,18 @@ pub fn unix_ms_now() -> i64 {
 
 const RECORD_LUA: &str = r#"
 -- KEYS[1] status hash, KEYS[2] history list
--- ARGV: target, seq, rank, status json ('' = none), event json ('' = none), history max, ttl, force
+-- ARGV: target, seq, rank, status json ('' = none), event json ('' = none), history max, ttl,
+--       revive ('1': also replace a `dead` state, whatever its seq and rank)
 if ARGV[4] ~= '' then
   local write = true
-  if ARGV[8] ~= '1' then
-    local cur = redis.call('HGET', KEYS[1], ARGV[1])
-    if cur then
-      local c = cjson.decode(cur)
-      local s = tonumber(ARGV[2])
-      if c.seq > s or (c.seq == s and c.rank > tonumber(ARGV[3])) then write = false end
+  local cur = redis.call('HGET', KEYS[1], ARGV[1])
+  if cur then
+    local c = cjson.decode(cur)
+    local s = tonumber(ARGV[2])
+    if ARGV[8] == '1' and c.state == 'dead' then
+      write = true
+    elseif c.seq > s or (c.seq == s and c.rank > tonumber(ARGV[3])) then
+      write = false
     end
   end
   if write then redis.call('HSET', KEYS[1], ARGV[1], ARGV[4]) end
@@ -396,7 +399,7 @@ impl Store for RedisStore {
             let ttl = self.retention.as_secs().max(1);
             let mut pipe = redis::pipe();
             for r in &records {
-                let (target, seq, rank, status, force) = match &r.status {
+                let (target, seq, rank, status, revive) = match &r.status {
                     Some(s) => {
                         let json = serde_json::to_string(&StatusJson {
                             kind: &s.kind,
@@ -409,7 +412,7 @@ impl Store for RedisStore {
                             rank: s.state.rank(),
                         })
                         .expect("status serialises");
-                        (s.target.as_str(), s.seq, s.state.rank(), json, s.force)
+                        (s.target.as_str(), s.seq, s.state.rank(), json, s.revive)
                     }
                     None => ("", 0, 0, String::new(), false),
                 };
@@ -428,7 +431,7 @@ impl Store for RedisStore {
                         .arg(event)
                         .arg(self.history_max)
                         .arg(ttl)
-                        .arg(if force { "1" } else { "0" }),
+                        .arg(if revive { "1" } else { "0" }),
                 )
                 .ignore();
             }

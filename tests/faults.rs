@@ -65,7 +65,13 @@ fn accepted_ids(answer: &Value) -> Vec<String> {
 async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
     let target = Target::start().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let bridge = Bridge::start_with(&unique_prefix("cut"), &config(&target), &proxy.amqp_url(), true).await;
+    let bridge = Bridge::start_with(
+        &unique_prefix("cut"),
+        &config(&target),
+        &proxy.amqp_url(),
+        true,
+    )
+    .await;
 
     let accepted = Arc::new(Mutex::new(HashSet::<String>::new()));
     let mut saw_503 = false;
@@ -96,14 +102,20 @@ async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
             .unwrap();
         i += 10;
         let status = resp.status().as_u16();
-        let ra = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let ra = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
         let body: Value = resp.json_value().await;
         match status {
             202 => accepted.lock().unwrap().extend(accepted_ids(&body)),
             503 => {
                 saw_503 = true;
                 retry_after = ra;
-                assert!(body["error"].as_str().unwrap().contains("unavailable"), "{body}");
+                assert!(
+                    body["error"].as_str().unwrap().contains("unavailable"),
+                    "{body}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => panic!("unexpected {other}: {body}"),
@@ -113,20 +125,29 @@ async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
     assert_eq!(retry_after.as_deref(), Some("5"));
     // It recovered by itself: a request now is accepted.
     bridge.wait_ready(Duration::from_secs(20)).await;
-    let (status, body) = bridge.post_json("central", "central-secret", &batch("cut-after", 0, 5)).await;
+    let (status, body) = bridge
+        .post_json("central", "central-secret", &batch("cut-after", 0, 5))
+        .await;
     assert_eq!(status, 202, "{body}");
     accepted.lock().unwrap().extend(accepted_ids(&body));
 
     let want = accepted.lock().unwrap().clone();
     assert!(want.len() > 50, "load ran: {} accepted", want.len());
-    eventually(Duration::from_secs(60), "every 202'd change delivered", || {
-        let got = target.distinct_ids();
-        want.iter().all(|id| got.contains(id))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every 202'd change delivered",
+        || {
+            let got = target.distinct_ids();
+            want.iter().all(|id| got.contains(id))
+        },
+    )
     .await;
     let metrics = bridge.metrics().await;
     assert!(metrics.contains("lx_broker_up 1"), "{metrics}");
-    assert!(metrics.contains("lx_ingress_requests_total{code=\"503\",node=\"central\"}"), "{metrics}");
+    assert!(
+        metrics.contains("lx_ingress_requests_total{code=\"503\",node=\"central\"}"),
+        "{metrics}"
+    );
     bridge.finish().await;
 }
 
@@ -135,18 +156,31 @@ async fn broker_unreachable_at_start_is_503_until_it_appears() {
     let target = Target::start().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     proxy.cut();
-    let bridge = Bridge::start_with(&unique_prefix("late"), &config(&target), &proxy.amqp_url(), false).await;
+    let bridge = Bridge::start_with(
+        &unique_prefix("late"),
+        &config(&target),
+        &proxy.amqp_url(),
+        false,
+    )
+    .await;
     let ready = bridge.http.get(bridge.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
     let body: Value = ready.json_value().await;
     assert_eq!(body, json!({"broker": false, "store": true}));
-    let (status, body) = bridge.post_json("central", "central-secret", &batch("late", 0, 3)).await;
+    let (status, body) = bridge
+        .post_json("central", "central-secret", &batch("late", 0, 3))
+        .await;
     assert_eq!(status, 503, "{body}");
     proxy.restore();
     bridge.wait_ready(Duration::from_secs(30)).await;
-    let (status, body) = bridge.post_json("central", "central-secret", &batch("late", 3, 3)).await;
+    let (status, body) = bridge
+        .post_json("central", "central-secret", &batch("late", 3, 3))
+        .await;
     assert_eq!(status, 202, "{body}");
-    eventually(Duration::from_secs(20), "3 changes delivered", || target.count() == 3).await;
+    eventually(Duration::from_secs(20), "3 changes delivered", || {
+        target.count() == 3
+    })
+    .await;
     bridge.finish().await;
 }
 
@@ -155,13 +189,17 @@ async fn broker_unreachable_at_start_is_503_until_it_appears() {
 async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let target = Target::start().await;
     // A slow target keeps most changes queued when SIGTERM comes.
-    target.inner.delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    target
+        .inner
+        .delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
     let prefix = unique_prefix("sigterm");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let text = render(&config(&target), &prefix, AMQP_URL).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let text = render(&config(&target), &prefix, AMQP_URL)
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let path = std::env::temp_dir().join(format!("{prefix}.toml"));
     std::fs::write(&path, &text).unwrap();
     let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
@@ -184,7 +222,10 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
                     return;
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "binary not ready");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "binary not ready"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
@@ -205,7 +246,10 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         accepted.extend(accepted_ids(&resp.json_value().await));
     }
     assert_eq!(accepted.len(), 5000);
-    assert!(target.count() < 5000, "changes still in flight when SIGTERM is sent");
+    assert!(
+        target.count() < 5000,
+        "changes still in flight when SIGTERM is sent"
+    );
     let term = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -216,23 +260,37 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(stopped.elapsed() < Duration::from_secs(15), "lxbridge did not exit within the grace period");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "lxbridge did not exit within the grace period"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit status {status:?}");
     let delivered_before_restart = target.count();
-    assert!(delivered_before_restart < 5000, "SIGTERM came while changes were in flight");
+    assert!(
+        delivered_before_restart < 5000,
+        "SIGTERM came while changes were in flight"
+    );
 
     let mut child = spawn();
     wait_ready(http.clone(), base.clone()).await;
-    target.inner.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
-    eventually(Duration::from_secs(60), "all 5000 changes delivered after restart", || {
-        target.distinct_ids().len() == 5000
-    })
+    target
+        .inner
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(60),
+        "all 5000 changes delivered after restart",
+        || target.distinct_ids().len() == 5000,
+    )
     .await;
     let got = target.distinct_ids();
     assert!(accepted.iter().all(|id| got.contains(id)));
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let _ = child.wait();
     let _ = std::fs::remove_file(&path);
     cleanup(&parsed).await;
