@@ -88,6 +88,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registers once");
         Metrics {
             ingress_requests: counter_vec(
                 &r,
