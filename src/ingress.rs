@@ -204,6 +204,9 @@ struct ItemResult {
 
 #[derive(Serialize)]
 struct PublishAnswer {
+    /// Set on 422 only: every 4xx answer carries a top-level error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
     accepted: usize,
     rejected: usize,
     results: Vec<ItemResult>,
@@ -439,6 +442,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
 
     let node_metrics = app.node_metrics.get(node);
     let mut answer = PublishAnswer {
+        error: None,
         accepted: 0,
         rejected: 0,
         results: Vec::with_capacity(fates.len()),
@@ -468,6 +472,15 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
     let status = if answer.rejected == 0 {
         StatusCode::ACCEPTED
     } else if answer.accepted == 0 {
+        let first = answer
+            .results
+            .iter()
+            .find_map(|r| r.error.as_deref())
+            .unwrap_or("");
+        answer.error = Some(format!(
+            "every change was rejected ({} of them); the first: {first}",
+            answer.rejected
+        ));
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
         StatusCode::MULTI_STATUS

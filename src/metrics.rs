@@ -90,8 +90,10 @@ impl Metrics {
         let r = Registry::new();
         // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
         #[cfg(target_os = "linux")]
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("process collector registers once");
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector registers once");
         Metrics {
             ingress_requests: counter_vec(
                 &r,
