@@ -208,21 +208,27 @@ async fn take_dlq(
         .iter()
         .map(|item| Record {
             reference: item.reference.clone(),
-            status: replay.then(|| StatusUpdate {
-                kind: item.kind.clone(),
-                target: target.to_string(),
-                seq: item.seq,
-                state: ObjState::Queued,
-                attempts: 0,
-                last_error: None,
-                revive: true,
-            }),
+            statuses: if replay {
+                vec![StatusUpdate {
+                    kind: item.kind.clone(),
+                    target: target.to_string(),
+                    source: item.source.clone(),
+                    seq: item.seq,
+                    state: ObjState::Queued,
+                    attempts: 0,
+                    last_error: None,
+                    revive: true,
+                }]
+            } else {
+                Vec::new()
+            },
             event: Some(HistoryEvent {
                 at: at.clone(),
                 target: target.to_string(),
                 event: if replay { "replayed" } else { "purged" }.into(),
                 detail: format!("id {} from the DLQ (was: {})", item.id, item.error),
             }),
+            mark: None,
         })
         .collect();
     if let Err(e) = app.store.record(records).await {

@@ -14,7 +14,7 @@ use crate::broker::{reject_unreadable, Broker, Failure, Incoming};
 use crate::config::{Auth, DeliverConfig};
 use crate::metrics::TargetMetrics;
 use crate::model::{OutgoingChange, StoredChange};
-use crate::store::{unix_ms_now, HistoryEvent, Record, State, StatusUpdate, Store};
+use crate::store::{unix_ms_now, HistoryEvent, Mark, MarkKey, Record, State, StatusUpdate, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -163,49 +163,65 @@ impl PushTarget {
         batch: Vec<(Incoming, StoredChange)>,
         cancel: &CancellationToken,
     ) {
-        // Within the batch only the newest change per object is worth sending.
-        let mut newest: HashMap<String, i64> = HashMap::with_capacity(batch.len());
-        for (_, c) in &batch {
-            let e = newest.entry(c.reference.clone()).or_insert(c.seq);
-            *e = (*e).max(c.seq);
-        }
-        let refs: Vec<&str> = newest.keys().map(String::as_str).collect();
-        let marks = loop {
-            match self.store.marks(&self.name, &refs).await {
-                Ok(m) => break m,
-                Err(e) => {
-                    // Without marks, order can't be checked: hold the batch until the store is back.
-                    warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = cancel.cancelled() => return, // unacked: redelivered after restart
+        // Decide each change's fate from the batch and the marks before moving anything:
+        // within the batch only the newest change per object is worth sending.
+        let decisions: Vec<Decision> = {
+            let mut newest: HashMap<ObjectKey<'_>, i64> = HashMap::with_capacity(batch.len());
+            for (_, c) in &batch {
+                let e = newest.entry(object_key(c)).or_insert(c.seq);
+                *e = (*e).max(c.seq);
+            }
+            let keys: Vec<MarkKey<'_>> = newest
+                .keys()
+                .map(|&(source, kind, reference)| MarkKey {
+                    source,
+                    kind,
+                    reference,
+                })
+                .collect();
+            let marks = loop {
+                match self.store.marks(&self.name, &keys).await {
+                    Ok(m) => break m,
+                    Err(e) => {
+                        // Without marks, order can't be checked: hold the batch until the store is back.
+                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return, // unacked: redelivered after restart
+                        }
                     }
                 }
-            }
+            };
+            let marks: HashMap<ObjectKey<'_>, i64> = keys
+                .iter()
+                .zip(marks)
+                .filter_map(|(k, m)| m.map(|m| ((k.source, k.kind, k.reference), m)))
+                .collect();
+            batch
+                .iter()
+                .map(|(_, c)| {
+                    let key = object_key(c);
+                    let mark = marks.get(&key).copied();
+                    if c.seq < newest[&key] || mark.is_some_and(|m| c.seq < m) {
+                        Decision::Superseded
+                    } else if mark == Some(c.seq) {
+                        Decision::AlreadyDelivered
+                    } else {
+                        Decision::Send
+                    }
+                })
+                .collect()
         };
-        let marks: HashMap<String, i64> = refs
-            .iter()
-            .zip(marks)
-            .filter_map(|(r, m)| m.map(|m| (r.to_string(), m)))
-            .collect();
-
         let mut send = Vec::with_capacity(batch.len());
         let mut superseded = Vec::new();
         let mut already = Vec::new();
-        for (message, change) in batch {
-            let mark = marks.get(change.reference.as_str()).copied();
-            if change.seq < newest[change.reference.as_str()]
-                || mark.is_some_and(|m| change.seq < m)
-            {
-                superseded.push((message, change));
-            } else if mark == Some(change.seq) {
-                already.push(message);
-            } else {
-                send.push((message, change));
+        for (item, decision) in batch.into_iter().zip(decisions) {
+            match decision {
+                Decision::Send => send.push(item),
+                Decision::Superseded => superseded.push(item),
+                Decision::AlreadyDelivered => already.push(item.0),
             }
         }
-        drop(newest);
-        drop(marks);
 
         let mut records = Vec::new();
         for (message, change) in superseded {
@@ -273,37 +289,46 @@ impl PushTarget {
                 .collect(),
             Err(error) => send.iter().map(|_| Some((error.clone(), false))).collect(),
         };
-        let delivered: Vec<(&str, i64)> = send
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, o)| o.is_none())
-            .map(|((_, c), _)| (c.reference.as_str(), c.seq))
-            .collect();
-        if let Err(e) = self.store.raise_marks(&self.name, &delivered).await {
-            warn!(target = %self.name, error = %e, "could not raise delivery marks; a redelivery may repeat a change");
-        }
-        drop(delivered);
-
         let now_ms = unix_ms_now();
-        for ((message, change), outcome) in send.into_iter().zip(outcomes) {
+        let mut delivered = Vec::with_capacity(send.len());
+        let mut failed = Vec::new();
+        for (item, outcome) in send.into_iter().zip(outcomes) {
+            match outcome {
+                None => delivered.push(item),
+                Some((error, dead)) => failed.push((item, error, dead)),
+            }
+        }
+        // Marks go with the delivered status and are written before the acks, so a
+        // redelivery of what the target already has is recognised.
+        for (message, change) in &delivered {
             let attempt = message.attempt;
-            let Some((error, dead)) = outcome else {
-                self.metrics.ok.inc();
-                self.metrics
-                    .end_to_end
-                    .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
-                records.push(record(
-                    &change,
-                    &self.name,
-                    State::Delivered,
-                    attempt,
-                    None,
-                    "delivered",
-                    &format!("attempt {attempt}"),
-                ));
-                self.settle_ack(message).await;
-                continue;
-            };
+            let mut r = record(
+                change,
+                &self.name,
+                State::Delivered,
+                attempt,
+                None,
+                "delivered",
+                &format!("attempt {attempt}"),
+            );
+            r.mark = Some(Mark {
+                target: self.name.clone(),
+                source: change.source.clone(),
+                kind: change.kind.clone(),
+                seq: change.seq,
+            });
+            records.push(r);
+        }
+        self.write_records(std::mem::take(&mut records)).await;
+        for (message, change) in delivered {
+            self.metrics.ok.inc();
+            self.metrics
+                .end_to_end
+                .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
+            self.settle_ack(message).await;
+        }
+        for ((message, change), error, dead) in failed {
+            let attempt = message.attempt;
             records.push(record(
                 &change,
                 &self.name,
@@ -588,22 +613,40 @@ fn record(
 ) -> Record {
     Record {
         reference: change.reference.clone(),
-        status: Some(StatusUpdate {
+        statuses: vec![StatusUpdate {
             kind: change.kind.clone(),
             target: target.to_string(),
+            source: change.source.clone(),
             seq: change.seq,
             state,
             attempts,
             last_error: error.map(String::from),
             revive: false,
-        }),
+        }],
         event: Some(HistoryEvent {
             at: crate::store::rfc3339_now(),
             target: target.to_string(),
             event: event.to_string(),
             detail: detail.to_string(),
         }),
+        mark: None,
     }
+}
+
+/// An object as one source sees it: (source, type, ref).
+type ObjectKey<'a> = (&'a str, &'a str, &'a str);
+
+fn object_key(c: &StoredChange) -> ObjectKey<'_> {
+    (&c.source, &c.kind, &c.reference)
+}
+
+/// What to do with a consumed change before sending.
+enum Decision {
+    Send,
+    /// A newer change to the object is in the batch or was delivered.
+    Superseded,
+    /// The target already has exactly this change (a redelivery).
+    AlreadyDelivered,
 }
 
 /// Logs the delivery set-up once at start.

@@ -432,7 +432,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         app.store.commit_ids(node, &commit),
         app.store.release_ids(node, &release),
         app.store
-            .record(history(node, &fates, &changes, &ids, &seqs)),
+            .record(history(node, accepted_ms, &fates, &changes, &ids, &seqs)),
     );
     for r in [store_results.0, store_results.1, store_results.2] {
         if let Err(e) = r {
@@ -492,60 +492,58 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
 }
 
 /// Status and history records for what ingress did with each item.
+/// `accepted_ms` is taken before publishing, so `accepted` sorts before any `delivered`.
 fn history(
     node: &str,
+    accepted_ms: i64,
     fates: &[Fate],
     changes: &[Option<Change>],
     ids: &[Option<String>],
     seqs: &[i64],
 ) -> Vec<Record> {
-    let now = crate::store::rfc3339_now();
+    let now = crate::store::rfc3339_ms(accepted_ms);
     let mut records = Vec::new();
     for (i, fate) in fates.iter().enumerate() {
         let Some(change) = &changes[i] else { continue };
         let id = ids[i].as_deref().unwrap_or("");
         match fate {
-            Fate::Accepted { targets } => {
-                records.push(Record {
-                    reference: change.reference.clone(),
-                    status: None,
-                    event: Some(HistoryEvent {
-                        at: now.clone(),
-                        target: node.to_string(),
-                        event: "accepted".into(),
-                        detail: format!(
-                            "id {id}, seq {}, {:?}, to {}",
-                            seqs[i],
-                            change.op,
-                            targets.join(", ")
-                        ),
-                    }),
-                });
-                for target in targets {
-                    records.push(Record {
-                        reference: change.reference.clone(),
-                        status: Some(StatusUpdate {
-                            kind: change.kind.clone(),
-                            target: target.clone(),
-                            seq: seqs[i],
-                            state: ObjState::Queued,
-                            attempts: 0,
-                            last_error: None,
-                            revive: false,
-                        }),
-                        event: None,
-                    });
-                }
-            }
+            Fate::Accepted { targets } => records.push(Record {
+                reference: change.reference.clone(),
+                statuses: targets
+                    .iter()
+                    .map(|target| StatusUpdate {
+                        kind: change.kind.clone(),
+                        target: target.clone(),
+                        source: node.to_string(),
+                        seq: seqs[i],
+                        state: ObjState::Queued,
+                        attempts: 0,
+                        last_error: None,
+                        revive: false,
+                    })
+                    .collect(),
+                event: Some(HistoryEvent {
+                    at: now.clone(),
+                    target: node.to_string(),
+                    event: "accepted".into(),
+                    detail: format!(
+                        "id {id}, seq {}, {:?}, to {}",
+                        seqs[i],
+                        change.op,
+                        targets.join(", ")
+                    ),
+                }),
+                mark: None,
+            }),
             Fate::Rejected(why) if why.starts_with("type: no route") => records.push(Record {
                 reference: change.reference.clone(),
-                status: None,
                 event: Some(HistoryEvent {
                     at: now.clone(),
                     target: node.to_string(),
                     event: "unroutable".into(),
                     detail: why.clone(),
                 }),
+                ..Record::default()
             }),
             _ => {}
         }

@@ -6,9 +6,13 @@
 //! production one. Key layout (all under `<prefix>:`), documented in ARCHITECTURE.md:
 //! - `d:<node>:<id>`   idempotency key, an empty string (≈ 60 bytes + the key's length)
 //! - `seq:<node>`      the node's sequence counter
-//! - `o:<ref>`         hash: target → status JSON
-//! - `h:<ref>`         list of history events (JSON), bounded
-//! - `m:<target>:<ref>` last delivered seq of that object at that target
+//! - `o:{<ref>}`       hash: `<target>\t<type>` → status JSON
+//! - `h:{<ref>}`       list of history events (JSON), bounded
+//! - `m:<target>:<source>:{<ref>}:<type>` last delivered seq of that object from that
+//!   source at that target
+//!
+//! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, so the one Lua
+//! script that records an event, its statuses and its delivery mark stays atomic.
 
 use deadpool_redis::redis;
 use futures_util::future::BoxFuture;
@@ -51,6 +55,8 @@ impl State {
 pub struct StatusUpdate {
     pub kind: String,
     pub target: String,
+    /// Seqs are only comparable from one source; a status from another source replaces.
+    pub source: String,
     pub seq: i64,
     pub state: State,
     pub attempts: u32,
@@ -68,12 +74,31 @@ pub struct HistoryEvent {
     pub detail: String,
 }
 
-/// What happened to one object: a status change, a history line, or both.
+/// A raised delivery mark: `seq` of (source, type, ref) reached `target`.
 #[derive(Debug, Clone)]
+pub struct Mark {
+    pub target: String,
+    pub source: String,
+    pub kind: String,
+    pub seq: i64,
+}
+
+/// What happened to one object, written atomically: status changes (one per target), a
+/// history line, and for a delivery its mark.
+#[derive(Debug, Clone, Default)]
 pub struct Record {
     pub reference: String,
-    pub status: Option<StatusUpdate>,
+    pub statuses: Vec<StatusUpdate>,
     pub event: Option<HistoryEvent>,
+    pub mark: Option<Mark>,
+}
+
+/// Identifies an object from one source for delivery marks.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkKey<'a> {
+    pub source: &'a str,
+    pub kind: &'a str,
+    pub reference: &'a str,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,6 +106,8 @@ pub struct TargetStatus {
     #[serde(rename = "type")]
     pub kind: String,
     pub target: String,
+    #[serde(default)]
+    pub source: String,
     pub state: State,
     pub attempts: u32,
     pub last_error: Option<String>,
@@ -127,18 +154,12 @@ pub trait Store: Send + Sync + 'static {
         ids: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn record(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// The last delivered seq per ref at `target`.
+    /// The last delivered seq of each object at `target`.
     fn marks<'a>(
         &'a self,
         target: &'a str,
-        refs: &'a [&'a str],
+        keys: &'a [MarkKey<'a>],
     ) -> BoxFuture<'a, Result<Vec<Option<i64>>, StoreError>>;
-    /// Raises the marks (never lowers them).
-    fn raise_marks<'a>(
-        &'a self,
-        target: &'a str,
-        marks: &'a [(&'a str, i64)],
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn object<'a>(
         &'a self,
         reference: &'a str,
@@ -170,35 +191,39 @@ pub fn unix_ms_now() -> i64 {
 }
 
 const RECORD_LUA: &str = r#"
--- KEYS[1] status hash, KEYS[2] history list
--- ARGV: target, seq, rank, status json ('' = none), event json ('' = none), history max, ttl,
---       revive ('1': also replace a `dead` state, whatever its seq and rank)
-if ARGV[4] ~= '' then
+-- KEYS[1] status hash, KEYS[2] history list, KEYS[3] delivery mark (or a dummy)
+-- ARGV[1] event json ('' = none), ARGV[2] history max, ARGV[3] ttl seconds,
+-- ARGV[4] revive ('1': a status also replaces a `dead` one, whatever its seq),
+-- ARGV[5] mark seq ('' = none), then per status: field, seq, rank, source, json
+local ttl = ARGV[3]
+if ARGV[5] ~= '' then
+  local cur = tonumber(redis.call('GET', KEYS[3]) or '-9007199254740991')
+  if cur < tonumber(ARGV[5]) then redis.call('SET', KEYS[3], ARGV[5], 'EX', ttl) end
+end
+local wrote = false
+for i = 6, #ARGV, 5 do
+  local seq, rank = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local write = true
-  local cur = redis.call('HGET', KEYS[1], ARGV[1])
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if cur then
     local c = cjson.decode(cur)
-    local s = tonumber(ARGV[2])
-    if ARGV[8] == '1' and c.state == 'dead' then
+    if ARGV[4] == '1' and c.state == 'dead' then
       write = true
-    elseif c.seq > s or (c.seq == s and c.rank > tonumber(ARGV[3])) then
+    elseif c.source == ARGV[i + 3] and (c.seq > seq or (c.seq == seq and c.rank > rank)) then
       write = false
     end
   end
-  if write then redis.call('HSET', KEYS[1], ARGV[1], ARGV[4]) end
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  if write then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 4])
+    wrote = true
+  end
 end
-if ARGV[5] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[5])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
-  redis.call('EXPIRE', KEYS[2], ARGV[7])
+if wrote then redis.call('EXPIRE', KEYS[1], ttl) end
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
-return 1
-"#;
-
-const RAISE_MARK_LUA: &str = r#"
-local cur = tonumber(redis.call('GET', KEYS[1]) or '-9007199254740991')
-if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return 1
 "#;
 
@@ -212,7 +237,6 @@ pub struct RedisStore {
     retention: Duration,
     history_max: usize,
     record_script: redis::Script,
-    mark_script: redis::Script,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -224,6 +248,7 @@ struct StatusJson<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
     target: &'a str,
+    source: &'a str,
     state: State,
     attempts: u32,
     last_error: Option<&'a str>,
@@ -262,12 +287,18 @@ impl RedisStore {
             retention,
             history_max,
             record_script: redis::Script::new(RECORD_LUA),
-            mark_script: redis::Script::new(RAISE_MARK_LUA),
         })
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool.get().await.map_err(unavailable)
+    }
+
+    fn mark_key(&self, target: &str, k: MarkKey<'_>) -> String {
+        format!(
+            "{}:m:{target}:{}:{{{}}}:{}",
+            self.prefix, k.source, k.reference, k.kind
+        )
     }
 
     fn id_key(&self, node: &str, id: &str) -> String {
@@ -281,14 +312,12 @@ impl RedisStore {
         match pipe.query_async::<()>(&mut conn).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                for src in [RECORD_LUA, RAISE_MARK_LUA] {
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(src)
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(RECORD_LUA)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
                 pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
             }
             Err(e) => Err(unavailable(e)),
@@ -397,43 +426,62 @@ impl Store for RedisStore {
             }
             let now = rfc3339_now();
             let ttl = self.retention.as_secs().max(1);
+            let p = &self.prefix;
             let mut pipe = redis::pipe();
             for r in &records {
-                let (target, seq, rank, status, revive) = match &r.status {
-                    Some(s) => {
-                        let json = serde_json::to_string(&StatusJson {
-                            kind: &s.kind,
-                            target: &s.target,
-                            state: s.state,
-                            attempts: s.attempts,
-                            last_error: s.last_error.as_deref(),
-                            updated_at: &now,
-                            seq: s.seq,
-                            rank: s.state.rank(),
-                        })
-                        .expect("status serialises");
-                        (s.target.as_str(), s.seq, s.state.rank(), json, s.revive)
-                    }
-                    None => ("", 0, 0, String::new(), false),
-                };
                 let event = match &r.event {
                     Some(e) => serde_json::to_string(e).expect("event serialises"),
                     None => String::new(),
                 };
-                pipe.invoke_script(
-                    self.record_script
-                        .key(format!("{}:o:{}", self.prefix, r.reference))
-                        .key(format!("{}:h:{}", self.prefix, r.reference))
-                        .arg(target)
-                        .arg(seq)
-                        .arg(rank)
-                        .arg(status)
-                        .arg(event)
-                        .arg(self.history_max)
-                        .arg(ttl)
-                        .arg(if revive { "1" } else { "0" }),
-                )
-                .ignore();
+                let mut invocation = self.record_script.key(format!("{p}:o:{{{}}}", r.reference));
+                invocation.key(format!("{p}:h:{{{}}}", r.reference));
+                match &r.mark {
+                    Some(m) => invocation.key(self.mark_key(
+                        &m.target,
+                        MarkKey {
+                            source: &m.source,
+                            kind: &m.kind,
+                            reference: &r.reference,
+                        },
+                    )),
+                    None => invocation.key(format!("{p}:m:-:{{{}}}", r.reference)),
+                };
+                invocation
+                    .arg(event)
+                    .arg(self.history_max)
+                    .arg(ttl)
+                    .arg(if r.statuses.iter().any(|s| s.revive) {
+                        "1"
+                    } else {
+                        "0"
+                    })
+                    .arg(
+                        r.mark
+                            .as_ref()
+                            .map(|m| m.seq.to_string())
+                            .unwrap_or_default(),
+                    );
+                for s in &r.statuses {
+                    let json = serde_json::to_string(&StatusJson {
+                        kind: &s.kind,
+                        target: &s.target,
+                        source: &s.source,
+                        state: s.state,
+                        attempts: s.attempts,
+                        last_error: s.last_error.as_deref(),
+                        updated_at: &now,
+                        seq: s.seq,
+                        rank: s.state.rank(),
+                    })
+                    .expect("status serialises");
+                    invocation
+                        .arg(format!("{}\t{}", s.target, s.kind))
+                        .arg(s.seq)
+                        .arg(s.state.rank())
+                        .arg(&s.source)
+                        .arg(json);
+                }
+                pipe.invoke_script(&invocation).ignore();
             }
             self.run_scripts(&pipe).await
         })
@@ -442,42 +490,18 @@ impl Store for RedisStore {
     fn marks<'a>(
         &'a self,
         target: &'a str,
-        refs: &'a [&'a str],
+        keys: &'a [MarkKey<'a>],
     ) -> BoxFuture<'a, Result<Vec<Option<i64>>, StoreError>> {
         Box::pin(async move {
-            if refs.is_empty() {
+            if keys.is_empty() {
                 return Ok(Vec::new());
             }
             let mut conn = self.conn().await?;
             let mut cmd = redis::cmd("MGET");
-            for r in refs {
-                cmd.arg(format!("{}:m:{target}:{r}", self.prefix));
+            for k in keys {
+                cmd.arg(self.mark_key(target, *k));
             }
             cmd.query_async(&mut conn).await.map_err(unavailable)
-        })
-    }
-
-    fn raise_marks<'a>(
-        &'a self,
-        target: &'a str,
-        marks: &'a [(&'a str, i64)],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            if marks.is_empty() {
-                return Ok(());
-            }
-            let ttl = self.retention.as_secs().max(1);
-            let mut pipe = redis::pipe();
-            for (r, seq) in marks {
-                pipe.invoke_script(
-                    self.mark_script
-                        .key(format!("{}:m:{target}:{r}", self.prefix))
-                        .arg(*seq)
-                        .arg(ttl),
-                )
-                .ignore();
-            }
-            self.run_scripts(&pipe).await
         })
     }
 
@@ -489,9 +513,9 @@ impl Store for RedisStore {
             let mut conn = self.conn().await?;
             let (targets, history): (Vec<(String, String)>, Vec<String>) = redis::pipe()
                 .cmd("HGETALL")
-                .arg(format!("{}:o:{reference}", self.prefix))
+                .arg(format!("{}:o:{{{reference}}}", self.prefix))
                 .cmd("LRANGE")
-                .arg(format!("{}:h:{reference}", self.prefix))
+                .arg(format!("{}:h:{{{reference}}}", self.prefix))
                 .arg(0)
                 .arg(-1)
                 .query_async(&mut conn)
@@ -514,9 +538,13 @@ impl Store for RedisStore {
                     .map(|json| serde_json::from_str(json).map_err(|_| parse("history", json)))
                     .collect::<Result<_, _>>()?,
             };
-            view.targets.sort_by(|a, b| a.target.cmp(&b.target));
+            view.targets
+                .sort_by(|a, b| (&a.target, &a.kind).cmp(&(&b.target, &b.kind)));
             // Events are written by different processes; order them by time (stable).
-            view.history.sort_by(|a, b| a.at.cmp(&b.at));
+            // Within one millisecond, `accepted` comes first.
+            view.history.sort_by(|a, b| {
+                (&a.at, a.event != "accepted").cmp(&(&b.at, b.event != "accepted"))
+            });
             Ok(Some(view))
         })
     }
