@@ -206,8 +206,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
     })
 }
 
-/// Every few seconds, reads the DLQ and retry queue depths into `lx_dlq_messages` and
-/// `lx_retry_messages`.
+/// Every few seconds: pings the store into `lx_store_up` and reads the DLQ and retry queue
+/// depths into `lx_dlq_messages` and `lx_retry_messages`.
 fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &TaskTracker) {
     let state = state.clone();
     tracker.spawn(async move {
@@ -219,11 +219,17 @@ fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &
             .map(|n| n.name.clone())
             .collect();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            let store_up = matches!(
+                tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await,
+                Ok(Ok(()))
+            );
+            state.metrics.store_up.set(i64::from(store_up));
             for target in &targets {
                 if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
                     state
