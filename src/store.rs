@@ -16,6 +16,7 @@
 
 use deadpool_redis::redis;
 use futures_util::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -191,47 +192,62 @@ pub fn unix_ms_now() -> i64 {
 }
 
 const RECORD_LUA: &str = r#"
--- KEYS[1] status hash, KEYS[2] history list, KEYS[3] delivery mark (or a dummy)
--- ARGV[1] event json ('' = none), ARGV[2] history max, ARGV[3] ttl seconds,
--- ARGV[4] revive ('1': a status also replaces a `dead` one, whatever its seq),
--- ARGV[5] mark seq ('' = none), then per status: field, seq, rank, source, json
-local ttl = ARGV[3]
-if ARGV[5] ~= '' then
-  local cur = tonumber(redis.call('GET', KEYS[3]) or '-9007199254740991')
-  if cur < tonumber(ARGV[5]) then redis.call('SET', KEYS[3], ARGV[5], 'EX', ttl) end
-end
-local wrote = false
-for i = 6, #ARGV, 5 do
-  local seq, rank = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local write = true
-  local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  if cur then
-    local c = cjson.decode(cur)
-    if ARGV[4] == '1' and c.state == 'dead' then
-      write = true
-    elseif c.source == ARGV[i + 3] and (c.seq > seq or (c.seq == seq and c.rank > rank)) then
-      write = false
+-- Records many objects in one call. Per object, KEYS holds three keys: its status hash,
+-- its history list and a delivery mark (a dummy when there is none).
+-- ARGV[1] history max, ARGV[2] ttl seconds, then per object:
+--   event json ('' = none), revive ('1': a status also replaces a `dead` one, whatever its
+--   seq), mark seq ('' = none), number of statuses, then per status: field, seq, rank,
+--   source, json
+local hmax, ttl = tonumber(ARGV[1]), ARGV[2]
+local a = 3
+for k = 1, #KEYS, 3 do
+  local event, revive, markseq, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if markseq ~= '' then
+    local cur = tonumber(redis.call('GET', KEYS[k + 2]) or '-9007199254740991')
+    if cur < tonumber(markseq) then redis.call('SET', KEYS[k + 2], markseq, 'EX', ttl) end
+  end
+  local wrote = false
+  for _ = 1, n do
+    local field, seq, rank, source = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+    local write = true
+    local cur = redis.call('HGET', KEYS[k], field)
+    if cur then
+      local c = cjson.decode(cur)
+      if revive == '1' and c.state == 'dead' then
+        write = true
+      elseif c.source == source and (c.seq > seq or (c.seq == seq and c.rank > rank)) then
+        write = false
+      end
     end
+    if write then
+      redis.call('HSET', KEYS[k], field, ARGV[a + 4])
+      wrote = true
+    end
+    a = a + 5
   end
-  if write then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 4])
-    wrote = true
+  if wrote then redis.call('EXPIRE', KEYS[k], ttl) end
+  if event ~= '' then
+    redis.call('RPUSH', KEYS[k + 1], event)
+    redis.call('LTRIM', KEYS[k + 1], -hmax, -1)
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
   end
-end
-if wrote then redis.call('EXPIRE', KEYS[1], ttl) end
-if ARGV[1] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-  redis.call('EXPIRE', KEYS[2], ttl)
 end
 return 1
 "#;
+
+/// Objects recorded per script call.
+const RECORDS_PER_CALL: usize = 200;
+
+/// The longest a store call may take before the store counts as unavailable.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an idempotency key stays reserved while its change is being published.
 const PENDING_ID_TTL_SECS: u64 = 300;
 
 pub struct RedisStore {
     pool: deadpool_redis::Pool,
+    shared: std::sync::Mutex<Option<MultiplexedConnection>>,
     prefix: String,
     dedupe_window: Duration,
     retention: Duration,
@@ -282,6 +298,7 @@ impl RedisStore {
             })?;
         Ok(RedisStore {
             pool,
+            shared: std::sync::Mutex::new(None),
             prefix: prefix.to_string(),
             dedupe_window,
             retention,
@@ -290,8 +307,43 @@ impl RedisStore {
         })
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(unavailable)
+    /// A multiplexed connection shared by all callers: taken from the pool once and kept
+    /// until a command on it fails (a pool checkout costs a PING round trip each time).
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(conn) = self.shared.lock().expect("store connection lock").clone() {
+            return Ok(conn);
+        }
+        let pooled = self.pool.get().await.map_err(unavailable)?;
+        let conn: MultiplexedConnection = (*pooled).clone();
+        *self.shared.lock().expect("store connection lock") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Bounds a store call: a connection that stopped answering is dropped after
+    /// [`STORE_TIMEOUT`] instead of hanging its callers.
+    fn timed<'a, T: Send + 'a>(
+        &'a self,
+        call: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        Box::pin(async move {
+            match tokio::time::timeout(STORE_TIMEOUT, call).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.shared.lock().expect("store connection lock").take();
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within {}s",
+                        STORE_TIMEOUT.as_secs()
+                    )))
+                }
+            }
+        })
+    }
+
+    /// Maps a failed command to an error and drops the shared connection, so the next call
+    /// connects afresh.
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        self.shared.lock().expect("store connection lock").take();
+        unavailable(e)
     }
 
     fn mark_key(&self, target: &str, k: MarkKey<'_>) -> String {
@@ -317,22 +369,24 @@ impl RedisStore {
                     .arg(RECORD_LUA)
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(unavailable)?;
-                pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+                    .map_err(|e| self.failed(e))?;
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(e))
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(self.failed(e)),
         }
     }
 }
 
 impl Store for RedisStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             let mut conn = self.conn().await?;
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             Ok(())
         })
     }
@@ -343,7 +397,7 @@ impl Store for RedisStore {
         ids: &'a [&'a str],
         seqs_needed: usize,
     ) -> BoxFuture<'a, Result<Admission, StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             let mut conn = self.conn().await?;
             let mut pipe = redis::pipe();
             for id in ids {
@@ -357,8 +411,10 @@ impl Store for RedisStore {
             pipe.cmd("INCRBY")
                 .arg(format!("{}:seq:{node}", self.prefix))
                 .arg(seqs_needed);
-            let replies: Vec<redis::Value> =
-                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let replies: Vec<redis::Value> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))?;
             if replies.len() != ids.len() + 1 {
                 return Err(StoreError::Protocol(format!(
                     "admit: {} replies for {} commands",
@@ -384,7 +440,7 @@ impl Store for RedisStore {
         node: &'a str,
         ids: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             if ids.is_empty() {
                 return Ok(());
             }
@@ -397,7 +453,9 @@ impl Store for RedisStore {
                     .arg(secs)
                     .ignore();
             }
-            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))
         })
     }
 
@@ -406,7 +464,7 @@ impl Store for RedisStore {
         node: &'a str,
         ids: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             if ids.is_empty() {
                 return Ok(());
             }
@@ -415,12 +473,14 @@ impl Store for RedisStore {
             for id in ids {
                 cmd.arg(self.id_key(node, id));
             }
-            cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
+            cmd.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))
         })
     }
 
     fn record(&self, records: Vec<Record>) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             if records.is_empty() {
                 return Ok(());
             }
@@ -428,60 +488,63 @@ impl Store for RedisStore {
             let ttl = self.retention.as_secs().max(1);
             let p = &self.prefix;
             let mut pipe = redis::pipe();
-            for r in &records {
-                let event = match &r.event {
-                    Some(e) => serde_json::to_string(e).expect("event serialises"),
-                    None => String::new(),
-                };
-                let mut invocation = self.record_script.key(format!("{p}:o:{{{}}}", r.reference));
-                invocation.key(format!("{p}:h:{{{}}}", r.reference));
-                match &r.mark {
-                    Some(m) => invocation.key(self.mark_key(
-                        &m.target,
-                        MarkKey {
-                            source: &m.source,
-                            kind: &m.kind,
-                            reference: &r.reference,
-                        },
-                    )),
-                    None => invocation.key(format!("{p}:m:-:{{{}}}", r.reference)),
-                };
-                invocation
-                    .arg(event)
-                    .arg(self.history_max)
-                    .arg(ttl)
-                    .arg(if r.statuses.iter().any(|s| s.revive) {
-                        "1"
-                    } else {
-                        "0"
-                    })
-                    .arg(
-                        r.mark
-                            .as_ref()
-                            .map(|m| m.seq.to_string())
-                            .unwrap_or_default(),
-                    );
-                for s in &r.statuses {
-                    let json = serde_json::to_string(&StatusJson {
-                        kind: &s.kind,
-                        target: &s.target,
-                        source: &s.source,
-                        state: s.state,
-                        attempts: s.attempts,
-                        last_error: s.last_error.as_deref(),
-                        updated_at: &now,
-                        seq: s.seq,
-                        rank: s.state.rank(),
-                    })
-                    .expect("status serialises");
-                    invocation
-                        .arg(format!("{}\t{}", s.target, s.kind))
-                        .arg(s.seq)
-                        .arg(s.state.rank())
-                        .arg(&s.source)
-                        .arg(json);
+            // One script call per chunk: the call's fixed cost is paid once per chunk, and a
+            // chunk is small enough not to hold Redis up.
+            for chunk in records.chunks(RECORDS_PER_CALL) {
+                let mut call = self.record_script.prepare_invoke();
+                call.arg(self.history_max).arg(ttl);
+                for r in chunk {
+                    call.key(format!("{p}:o:{{{}}}", r.reference))
+                        .key(format!("{p}:h:{{{}}}", r.reference));
+                    match &r.mark {
+                        Some(m) => call.key(self.mark_key(
+                            &m.target,
+                            MarkKey {
+                                source: &m.source,
+                                kind: &m.kind,
+                                reference: &r.reference,
+                            },
+                        )),
+                        None => call.key(format!("{p}:m:-:{{{}}}", r.reference)),
+                    };
+                    let event = match &r.event {
+                        Some(e) => serde_json::to_string(e).expect("event serialises"),
+                        None => String::new(),
+                    };
+                    call.arg(event)
+                        .arg(if r.statuses.iter().any(|s| s.revive) {
+                            "1"
+                        } else {
+                            "0"
+                        })
+                        .arg(
+                            r.mark
+                                .as_ref()
+                                .map(|m| m.seq.to_string())
+                                .unwrap_or_default(),
+                        )
+                        .arg(r.statuses.len());
+                    for s in &r.statuses {
+                        let json = serde_json::to_string(&StatusJson {
+                            kind: &s.kind,
+                            target: &s.target,
+                            source: &s.source,
+                            state: s.state,
+                            attempts: s.attempts,
+                            last_error: s.last_error.as_deref(),
+                            updated_at: &now,
+                            seq: s.seq,
+                            rank: s.state.rank(),
+                        })
+                        .expect("status serialises");
+                        call.arg(format!("{}\t{}", s.target, s.kind))
+                            .arg(s.seq)
+                            .arg(s.state.rank())
+                            .arg(&s.source)
+                            .arg(json);
+                    }
                 }
-                pipe.invoke_script(&invocation).ignore();
+                pipe.invoke_script(&call).ignore();
             }
             self.run_scripts(&pipe).await
         })
@@ -492,7 +555,7 @@ impl Store for RedisStore {
         target: &'a str,
         keys: &'a [MarkKey<'a>],
     ) -> BoxFuture<'a, Result<Vec<Option<i64>>, StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             if keys.is_empty() {
                 return Ok(Vec::new());
             }
@@ -501,7 +564,7 @@ impl Store for RedisStore {
             for k in keys {
                 cmd.arg(self.mark_key(target, *k));
             }
-            cmd.query_async(&mut conn).await.map_err(unavailable)
+            cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))
         })
     }
 
@@ -509,7 +572,7 @@ impl Store for RedisStore {
         &'a self,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<Option<ObjectView>, StoreError>> {
-        Box::pin(async move {
+        self.timed(async move {
             let mut conn = self.conn().await?;
             let (targets, history): (Vec<(String, String)>, Vec<String>) = redis::pipe()
                 .cmd("HGETALL")
@@ -520,7 +583,7 @@ impl Store for RedisStore {
                 .arg(-1)
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             if targets.is_empty() && history.is_empty() {
                 return Ok(None);
             }

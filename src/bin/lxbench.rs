@@ -196,7 +196,7 @@ token = "bench"
     let mut targets = Vec::new();
     for t in 0..args.targets {
         toml.push_str(&format!(
-            "[[node]]\nname = \"sink{t}\"\ntoken = \"x\"\ndeliver = {{ mode = \"push\", url = \"{sink}/{t}\", batch_max = 100, concurrency = 4, gzip = false }}\n"
+            "[[node]]\nname = \"sink{t}\"\ntoken = \"x\"\ndeliver = {{ mode = \"push\", url = \"{sink}/{t}\", batch_max = 100, concurrency = 8, gzip = false }}\n"
         ));
         targets.push(format!("\"sink{t}\""));
     }
