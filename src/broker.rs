@@ -64,6 +64,8 @@ pub struct Incoming {
     /// 1 on the first delivery, raised each time it comes back from a retry step.
     pub attempt: u32,
     pub first_failed_ms: Option<i64>,
+    /// Its last failure took its whole batch down: deliver it in a batch of its own.
+    pub alone: bool,
     handle: AckHandle,
 }
 
@@ -73,6 +75,8 @@ pub struct Failure<'a> {
     pub error: &'a str,
     /// Publish to the DLQ instead of the next retry step.
     pub dead: bool,
+    /// The whole batch failed (not this change alone): retry it in a batch of its own.
+    pub alone: bool,
     pub source: &'a str,
     pub kind: &'a str,
     pub reference: &'a str,
@@ -294,6 +298,7 @@ const H_ATTEMPT: &str = "x-lx-attempt";
 const H_ERROR: &str = "x-lx-error";
 const H_FIRST_FAILED: &str = "x-lx-first-failed";
 const H_LAST_FAILED: &str = "x-lx-last-failed";
+const H_ALONE: &str = "x-lx-alone";
 
 fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
     let headers = props.headers().as_ref()?;
@@ -625,6 +630,9 @@ impl RabbitBroker {
                         let incoming = Incoming {
                             attempt,
                             first_failed_ms: header_i64(&delivery.properties, H_FIRST_FAILED),
+                            alone: delivery.properties.headers().as_ref().is_some_and(|h| {
+                                matches!(h.inner().get(H_ALONE), Some(AMQPValue::Boolean(true)))
+                            }),
                             handle: AckHandle::Rabbit(delivery.acker),
                             body: delivery.data,
                         };
@@ -842,6 +850,9 @@ impl Broker for RabbitBroker {
                     H_ATTEMPT.into(),
                     AMQPValue::LongLongInt(i64::from(message.attempt) + 1),
                 );
+                if f.alone {
+                    headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
+                }
                 self.topology
                     .names
                     .retry(f.target, message.attempt as usize)
@@ -949,6 +960,7 @@ pub async fn reject_unreadable(broker: &dyn Broker, message: Incoming, target: &
         target,
         error,
         dead: true,
+        alone: false,
         source: "",
         kind: "",
         reference: "",

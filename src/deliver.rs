@@ -126,8 +126,8 @@ impl PushTarget {
         mut rx: mpsc::Receiver<(Incoming, StoredChange)>,
         cancel: CancellationToken,
     ) {
-        // A retried change travels alone, so a change the target can't take (one that
-        // fails its whole batch) can't take the changes beside it down with it.
+        // A change whose whole batch failed is retried alone, so a change the target can't
+        // take (one that fails its whole batch) can't take the changes beside it down with it.
         let mut next: Option<(Incoming, StoredChange)> = None;
         loop {
             let first = match next.take() {
@@ -137,11 +137,11 @@ impl PushTarget {
                     m = rx.recv() => match m { Some(m) => m, None => break },
                 },
             };
-            let alone = first.0.attempt > 1;
+            let alone = first.0.alone;
             let mut batch = vec![first];
             while !alone && batch.len() < self.batch_max {
                 match rx.try_recv() {
-                    Ok(m) if m.0.attempt > 1 => {
+                    Ok(m) if m.0.alone => {
                         next = Some(m);
                         break;
                     }
@@ -289,6 +289,7 @@ impl PushTarget {
                 .collect(),
             Err(error) => send.iter().map(|_| Some((error.clone(), false))).collect(),
         };
+        let whole_batch_failed = answer.is_err();
         let now_ms = unix_ms_now();
         let mut delivered = Vec::with_capacity(send.len());
         let mut failed = Vec::new();
@@ -342,6 +343,7 @@ impl PushTarget {
                 target: &self.name,
                 error: &error,
                 dead,
+                alone: whole_batch_failed,
                 source: &change.source,
                 kind: &change.kind,
                 reference: &change.reference,
