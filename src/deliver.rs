@@ -321,45 +321,60 @@ impl PushTarget {
             records.push(r);
         }
         self.write_records(std::mem::take(&mut records)).await;
-        for (message, change) in delivered {
+        let acks = delivered.into_iter().map(|(message, change)| {
             self.metrics.ok.inc();
             self.metrics
                 .end_to_end
                 .observe((now_ms - change.accepted_ms).max(0) as f64 / 1000.0);
-            self.settle_ack(message).await;
-        }
+            self.settle_ack(message)
+        });
+        futures_util::future::join_all(acks).await;
+        // Moves to retry/DLQ run side by side, so their confirms are waited for together.
+        let mut messages = Vec::with_capacity(failed.len());
+        let mut failures = Vec::with_capacity(failed.len());
         for ((message, change), error, dead) in failed {
-            let attempt = message.attempt;
+            failures.push((change, error, dead, message.attempt));
+            messages.push(message);
+        }
+        let moves =
+            messages
+                .into_iter()
+                .zip(&failures)
+                .map(|(message, (change, error, dead, _))| {
+                    let failure = Failure {
+                        target: &self.name,
+                        error,
+                        dead: *dead,
+                        alone: whole_batch_failed,
+                        source: &change.source,
+                        kind: &change.kind,
+                        reference: &change.reference,
+                        now_ms,
+                    };
+                    self.broker.fail(message, failure)
+                });
+        let results = futures_util::future::join_all(moves).await;
+        for ((change, error, _, attempt), result) in failures.iter().zip(results) {
             records.push(record(
-                &change,
+                change,
                 &self.name,
                 State::Retrying,
-                attempt,
-                Some(&error),
+                *attempt,
+                Some(error),
                 "failed",
-                &error,
+                error,
             ));
-            let failure = Failure {
-                target: &self.name,
-                error: &error,
-                dead,
-                alone: whole_batch_failed,
-                source: &change.source,
-                kind: &change.kind,
-                reference: &change.reference,
-                now_ms,
-            };
-            match self.broker.fail(message, failure).await {
+            match result {
                 Ok(true) => {
                     self.metrics.dead.inc();
                     records.push(record(
-                        &change,
+                        change,
                         &self.name,
                         State::Dead,
-                        attempt,
-                        Some(&error),
+                        *attempt,
+                        Some(error),
                         "dead",
-                        &error,
+                        error,
                     ));
                 }
                 Ok(false) => self.metrics.retry.inc(),
