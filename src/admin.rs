@@ -5,6 +5,7 @@ use crate::ingress::{error_response, same_secret};
 use crate::store::{rfc3339_now, HistoryEvent, Record, State as ObjState, StatusUpdate};
 use crate::AppState;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -164,9 +165,12 @@ fn known_target(app: &AppState, target: &str) -> Option<Response> {
 pub async fn list_dlq(
     State(app): State<Arc<AppState>>,
     Path(target): Path<String>,
-    Query(query): Query<DlqQuery>,
+    query: Result<Query<DlqQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Query(query)) = query else {
+        return error_response(StatusCode::BAD_REQUEST, "limit must be a whole number");
+    };
     if let Some(r) = check_admin(&app, &headers).or_else(|| known_target(&app, &target)) {
         return r;
     }
@@ -260,4 +264,176 @@ pub async fn purge_dlq(
     body: Bytes,
 ) -> Response {
     take_dlq(&app, &target, &headers, &body, false).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemapPairs {
+    pairs: Vec<RemapPair>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemapPair {
+    #[serde(rename = "type")]
+    kind: String,
+    source: String,
+    target: String,
+}
+
+/// `PUT /api/v1/remap/{target}` `{"pairs": [{"type", "source", "target"}]}` → `{"stored": N}`
+pub async fn put_remap(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check_admin(&app, &headers).or_else(|| known_target(&app, &target)) {
+        return r;
+    }
+    let parsed: RemapPairs = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"pairs\": [{{\"type\", \"source\", \"target\"}}]}}: {e}"),
+            )
+        }
+    };
+    if let Some((i, _)) = parsed
+        .pairs
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.kind.is_empty() || p.source.is_empty() || p.target.is_empty())
+    {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!("pairs[{i}]: type, source and target must not be empty"),
+        );
+    }
+    let triples: Vec<(&str, &str, &str)> = parsed
+        .pairs
+        .iter()
+        .map(|p| (p.kind.as_str(), p.source.as_str(), p.target.as_str()))
+        .collect();
+    match app.store.remap_put(&target, &triples).await {
+        Ok(()) => Json(json!({ "stored": triples.len() })).into_response(),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct RemapQuery {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    source: Option<String>,
+}
+
+/// `GET /api/v1/remap/{target}?type=…&source=…` → `{"target": "<ref>"}` or 404.
+pub async fn get_remap(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    query: Result<Query<RemapQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error_response(StatusCode::BAD_REQUEST, "give ?type= and ?source=");
+    };
+    if let Some(r) = check_admin(&app, &headers).or_else(|| known_target(&app, &target)) {
+        return r;
+    }
+    let (Some(kind), Some(source)) = (query.kind, query.source) else {
+        return error_response(StatusCode::BAD_REQUEST, "give both ?type= and ?source=");
+    };
+    match app
+        .store
+        .remap_get(&target, &[(kind.as_str(), source.as_str())])
+        .await
+    {
+        Ok(found) => match found.into_iter().next().flatten() {
+            Some(t) => Json(json!({ "target": t })).into_response(),
+            None => error_response(
+                StatusCode::NOT_FOUND,
+                format!("no remap for {kind} {source} at {target:?}"),
+            ),
+        },
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `lxbridge transform`: what each target of a route would receive for a change, offline.
+pub mod preview {
+    use crate::config::{Config, Format, MissingRefs};
+    use crate::transform::{self, Outcome, Remap};
+    use serde_json::{json, Value};
+
+    /// One JSON line per target of the route: the change as delivered, or why it would be
+    /// filtered or fail, with the references it carries (and, with `missing_refs = "wait"`,
+    /// that it waits for them unless they were delivered before).
+    pub fn run(config: &Config, route_name: &str, input: &str) -> Result<Vec<String>, String> {
+        let route = config
+            .routes
+            .iter()
+            .find(|r| r.name.as_deref() == Some(route_name))
+            .ok_or_else(|| {
+                let names: Vec<&str> = config
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.name.as_deref())
+                    .collect();
+                format!(
+                    "no route named {route_name:?} (named routes: {})",
+                    names.join(", ")
+                )
+            })?;
+        let value: Value =
+            serde_json::from_str(input).map_err(|e| format!("the input is not JSON: {e}"))?;
+        let parsed = crate::model::parse_change(value)
+            .map_err(|e| format!("the input is not a change: {e}"))?;
+        let mapping = config.compiled_mapping(route).map_err(|p| p.join("; "))?;
+        let change = transform::Change {
+            id: parsed.id.clone().unwrap_or_else(|| "preview".into()),
+            kind: parsed.kind,
+            reference: parsed.reference,
+            op: parsed.op,
+            data: parsed.data,
+            source: route.from.clone(),
+            seq: parsed.seq.unwrap_or(1),
+        };
+        let references: Vec<Value> = mapping
+            .references(&change)
+            .into_iter()
+            .map(|r| json!({"type": r.kind, "ref": r.reference}))
+            .collect();
+        let mut lines = Vec::new();
+        for target in &route.to {
+            let deliver = config.node(target).and_then(|n| n.deliver.as_ref());
+            let format = deliver.map(|d| d.format).unwrap_or_default();
+            let wait = deliver.is_some_and(|d| d.missing_refs == MissingRefs::Wait);
+            let mut line = match mapping.apply(change.clone(), &Remap::new()) {
+                Outcome::Deliver(c) => {
+                    let data = match format {
+                        Format::Lxbridge => c.data.clone(),
+                        Format::Xdto => Some(transform::to_xdto(&c)),
+                    };
+                    json!({"target": target, "outcome": "deliver", "change": {
+                        "id": c.id, "type": c.kind, "ref": c.reference, "op": c.op,
+                        "data": data, "source": c.source, "seq": c.seq, "attempt": 1}})
+                }
+                Outcome::Filtered(reason) => {
+                    json!({"target": target, "outcome": "filtered", "reason": reason})
+                }
+                Outcome::Failed(error) => {
+                    json!({"target": target, "outcome": "failed", "reason": error})
+                }
+            };
+            line["references"] = Value::Array(references.clone());
+            if wait && !references.is_empty() {
+                line["waits_for"] =
+                    json!("each reference above, unless it was delivered to this target before");
+            }
+            lines.push(line.to_string());
+        }
+        Ok(lines)
+    }
 }

@@ -7,11 +7,12 @@
 //! 2. close the broker connections (unacked prefetched messages go back to their queues).
 
 use crate::broker::{Broker, RabbitBroker};
-use crate::config::Config;
-use crate::deliver::{announce, PushTarget};
+use crate::config::{Config, DeliverConfig, Format, MissingRefs};
+use crate::deliver::{announce, PushTarget, RouteShape, Shaping};
 use crate::metrics::Metrics;
 use crate::route::Routes;
 use crate::store::{RedisStore, Store};
+use crate::transform::Compiled;
 use crate::{admin, ingress, AppState};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -73,12 +74,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/dlq/{target}/replay", post(admin::replay_dlq))
         .route(
+            "/api/v1/remap/{target}",
+            get(admin::get_remap).put(admin::put_remap),
+        )
+        .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ingress::error_response(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ingress::error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method",
+            )
+        })
         .with_state(state)
 }
 
@@ -154,6 +165,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
             broker.clone(),
             store.clone(),
             metrics.target(&node.name),
+            shaping(&config, &node.name, deliver)?,
         )?;
         announce(&target);
         target.start(shutdown.clone(), &delivery_tasks);
@@ -203,6 +215,40 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         state,
         shutdown,
         done,
+    })
+}
+
+/// How a target's changes are reshaped: the mappings of the routes into it, its format and
+/// its reference handling.
+fn shaping(config: &Config, target: &str, deliver: &DeliverConfig) -> Result<Shaping, AppError> {
+    let mut routes = Vec::new();
+    for route in config
+        .routes
+        .iter()
+        .filter(|r| r.to.iter().any(|t| t == target))
+    {
+        let mapping = config.compiled_mapping(route).map_err(AppError::Invalid)?;
+        routes.push(RouteShape {
+            source: route.from.clone(),
+            patterns: route
+                .types
+                .iter()
+                .map(|p| crate::route::topic_pattern(p))
+                .collect(),
+            mapping: Arc::new(mapping),
+        });
+    }
+    let needed = deliver.format != Format::Lxbridge
+        || deliver.missing_refs != MissingRefs::Ignore
+        || deliver.remap
+        || routes.iter().any(|r| !r.mapping.is_identity());
+    Ok(Shaping {
+        routes,
+        identity: Arc::new(Compiled::identity()),
+        format: deliver.format,
+        missing_refs: deliver.missing_refs,
+        remap: deliver.remap,
+        needed,
     })
 }
 

@@ -3,11 +3,12 @@
 //!
 //! Reading the file is the only I/O here; everything else is pure so it can be unit-tested.
 
+use crate::transform::{Compiled, Mapping};
 use serde::{Deserialize, Deserializer};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration as StdDuration;
 
 /// Errors loading a configuration file (not validation problems: see [`Config::validate`]).
@@ -103,6 +104,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
+    /// The folder relative paths in the config (mapping and script files) start from.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +233,35 @@ pub struct DeliverConfig {
     pub concurrency: usize,
     #[serde(default = "default_lease")]
     pub lease: Duration,
+    /// The shape of each delivered change's `data`.
+    #[serde(default)]
+    pub format: Format,
+    /// `"wait"`: a change whose referenced objects never reached this target waits for them.
+    #[serde(default)]
+    pub missing_refs: MissingRefs,
+    /// Rewrite references through this target's remap table, and learn it from the
+    /// `target_ref` the target answers.
+    #[serde(default)]
+    pub remap: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Format {
+    /// `data` as lxbridge holds it.
+    #[default]
+    #[serde(rename = "lxbridge")]
+    Lxbridge,
+    /// `data` in the 1C platform JSON (XDTO) form, readable with ПрочитатьJSON + ПрочитатьXDTO.
+    #[serde(rename = "1c-xdto")]
+    Xdto,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingRefs {
+    #[default]
+    Ignore,
+    Wait,
 }
 
 fn default_batch_max() -> usize {
@@ -255,6 +288,20 @@ pub struct RouteConfig {
     pub to: Vec<String>,
     #[serde(default = "default_types")]
     pub types: Vec<String>,
+    /// How changes are reshaped for the targets of this route (inline).
+    pub mapping: Option<Mapping>,
+    /// The same, from a TOML file (relative to the config file's folder).
+    pub mapping_file: Option<String>,
+}
+
+impl RouteConfig {
+    /// The route's name for messages: its `name`, else `from -> to`.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("route {name:?}"),
+            None => format!("route {} -> {}", self.from, self.to.join(",")),
+        }
+    }
 }
 
 fn default_types() -> Vec<String> {
@@ -354,7 +401,55 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        Config::parse(&text, &shown)
+        let mut config = Config::parse(&text, &shown)?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(config)
+    }
+
+    /// A route's mapping (inline or from its file); `None` when it has none.
+    pub fn route_mapping(&self, route: &RouteConfig) -> Result<Option<Mapping>, String> {
+        match (&route.mapping, &route.mapping_file) {
+            (Some(_), Some(_)) => Err(format!(
+                "{}: set mapping or mapping_file, not both",
+                route.label()
+            )),
+            (Some(m), None) => Ok(Some(m.clone())),
+            (None, Some(file)) => {
+                let path = self.base_dir.join(file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    format!(
+                        "{}: cannot read mapping_file {}: {e}",
+                        route.label(),
+                        path.display()
+                    )
+                })?;
+                toml::from_str(&text).map(Some).map_err(|e| {
+                    format!(
+                        "{}: mapping_file {} is not a valid mapping: {e}",
+                        route.label(),
+                        path.display()
+                    )
+                })
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The route's mapping compiled for delivery (identity when it has none).
+    pub fn compiled_mapping(&self, route: &RouteConfig) -> Result<Compiled, Vec<String>> {
+        match self.route_mapping(route).map_err(|e| vec![e])? {
+            None => Ok(Compiled::identity()),
+            Some(m) => Compiled::new(&m, &self.base_dir).map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|p| format!("{}: mapping: {p}", route.label()))
+                    .collect()
+            }),
+        }
     }
 
     /// Parses config text; `origin` names it in errors.
@@ -364,10 +459,12 @@ impl Config {
             message: e.to_string(),
         })?;
         expand_env(&mut value, origin)?;
-        Config::deserialize(value).map_err(|e| ConfigError::Schema {
+        let mut config = Config::deserialize(value).map_err(|e| ConfigError::Schema {
             path: origin.into(),
             message: e.to_string(),
-        })
+        })?;
+        config.base_dir = PathBuf::from(".");
+        Ok(config)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
@@ -512,6 +609,9 @@ impl Config {
                 if let Some(why) = type_pattern_problem(pattern) {
                     problems.push(format!("{at}: types pattern {pattern:?} {why}"));
                 }
+            }
+            if let Err(mapping_problems) = self.compiled_mapping(route) {
+                problems.extend(mapping_problems);
             }
         }
         for group in &self.groups {

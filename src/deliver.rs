@@ -11,12 +11,15 @@
 //! to a retry step or the DLQ was confirmed by the broker.
 
 use crate::broker::{reject_unreadable, Broker, Failure, Incoming};
-use crate::config::{Auth, DeliverConfig};
+use crate::config::{Auth, DeliverConfig, Format, MissingRefs};
 use crate::metrics::TargetMetrics;
-use crate::model::{OutgoingChange, StoredChange};
+use crate::model::{Op, OutgoingChange, StoredChange};
 use crate::store::{unix_ms_now, HistoryEvent, Mark, MarkKey, Record, State, StatusUpdate, Store};
+use crate::transform::{self, Compiled, Outcome, Remap};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::sync::Arc;
@@ -46,6 +49,7 @@ pub struct PushTarget {
     pub store: Arc<dyn Store>,
     pub metrics: TargetMetrics,
     breaker: Breaker,
+    shaping: Shaping,
 }
 
 impl PushTarget {
@@ -55,6 +59,7 @@ impl PushTarget {
         broker: Arc<dyn Broker>,
         store: Arc<dyn Store>,
         metrics: TargetMetrics,
+        shaping: Shaping,
     ) -> Result<PushTarget, DeliverError> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(d.concurrency)
@@ -74,6 +79,7 @@ impl PushTarget {
             store,
             breaker: Breaker::new(metrics.breaker_open.clone()),
             metrics,
+            shaping,
         })
     }
 
@@ -241,62 +247,104 @@ impl PushTarget {
             debug!(target = %self.name, "redelivered change already delivered; acking");
             self.settle_ack(message).await;
         }
-        if send.is_empty() {
-            self.write_records(records).await;
-            return;
+        // Reshape for the target (mapping, script, references, remap, format).
+        let mut failed: Vec<FailedChange> = Vec::new();
+        let mut filtered = Vec::new();
+        let Some(send) = self.shape(send, &mut filtered, &mut failed, cancel).await else {
+            return; // shutting down while the store was away: unacked, redelivered later
+        };
+        for (message, change, reason) in filtered {
+            records.push(record(
+                &change,
+                &self.name,
+                State::Filtered,
+                message.attempt,
+                None,
+                "filtered",
+                &reason,
+            ));
+            self.metrics.filtered.inc();
+            self.settle_ack(message).await;
         }
 
         // Send; while the breaker says the target is down, hold the batch and try again
         // (a held batch uses no retry step, so an outage does not walk changes to the DLQ).
-        let answer = loop {
-            let Some(probe) = self.breaker.admit(cancel).await else {
-                return; // shutting down: unacked, redelivered after restart
-            };
-            self.metrics.inflight.add(send.len() as i64);
-            let started = Instant::now();
-            let answer = self.post(&send).await;
-            self.metrics
-                .duration
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.inflight.sub(send.len() as i64);
-            match answer {
-                Err(SendError::Unreachable(e)) => {
-                    if self.breaker.unreachable(probe, &self.name, &e) {
-                        continue;
+        let answer = if send.is_empty() {
+            Ok(Answer::default())
+        } else {
+            loop {
+                let Some(probe) = self.breaker.admit(cancel).await else {
+                    return; // shutting down: unacked, redelivered after restart
+                };
+                self.metrics.inflight.add(send.len() as i64);
+                let started = Instant::now();
+                let answer = self.post(&send).await;
+                self.metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.inflight.sub(send.len() as i64);
+                match answer {
+                    Err(SendError::Unreachable(e)) => {
+                        if self.breaker.unreachable(probe, &self.name, &e) {
+                            continue;
+                        }
+                        break Err(e);
                     }
-                    break Err(e);
-                }
-                Err(SendError::Refused(e)) => {
-                    self.breaker.reachable(probe, &self.name);
-                    break Err(e);
-                }
-                Ok(per_change) => {
-                    self.breaker.reachable(probe, &self.name);
-                    break Ok(per_change);
+                    Err(SendError::Refused(e)) => {
+                        self.breaker.reachable(probe, &self.name);
+                        break Err(e);
+                    }
+                    Ok(answer) => {
+                        self.breaker.reachable(probe, &self.name);
+                        break Ok(answer);
+                    }
                 }
             }
         };
 
-        // What became of each change: None = delivered, Some((error, dead)) = failed.
-        let outcomes: Vec<Option<(String, bool)>> = match &answer {
-            Ok(per_change) => send
-                .iter()
-                .map(|(_, c)| {
-                    per_change
-                        .get(c.id.as_str())
-                        .map(|(e, retry)| (e.clone(), !retry))
-                })
-                .collect(),
-            Err(error) => send.iter().map(|_| Some((error.clone(), false))).collect(),
-        };
-        let whole_batch_failed = answer.is_err();
         let now_ms = unix_ms_now();
         let mut delivered = Vec::with_capacity(send.len());
-        let mut failed = Vec::new();
-        for (item, outcome) in send.into_iter().zip(outcomes) {
+        let mut learned: Vec<(String, String, String)> = Vec::new();
+        for (message, change, _) in send {
+            let outcome = match &answer {
+                Ok(a) => a
+                    .errors
+                    .get(change.id.as_str())
+                    .map(|(e, retry)| (e.clone(), !retry)),
+                Err(error) => Some((error.clone(), false)),
+            };
             match outcome {
-                None => delivered.push(item),
-                Some((error, dead)) => failed.push((item, error, dead)),
+                None => {
+                    if let Some(target_ref) = answer
+                        .as_ref()
+                        .ok()
+                        .and_then(|a| a.target_refs.get(&change.id))
+                    {
+                        learned.push((
+                            change.kind.clone(),
+                            change.reference.clone(),
+                            target_ref.clone(),
+                        ));
+                    }
+                    delivered.push((message, change));
+                }
+                Some((error, dead)) => failed.push(FailedChange {
+                    message,
+                    change,
+                    error,
+                    dead,
+                    alone: answer.is_err(),
+                    event: "failed",
+                }),
+            }
+        }
+        if self.shaping.remap && !learned.is_empty() {
+            let triples: Vec<(&str, &str, &str)> = learned
+                .iter()
+                .map(|(k, s, t)| (k.as_str(), s.as_str(), t.as_str()))
+                .collect();
+            if let Err(e) = self.store.remap_put(&self.name, &triples).await {
+                warn!(target = %self.name, error = %e, "could not store target refs from the answer");
             }
         }
         // Marks go with the delivered status and are written before the acks, so a
@@ -329,39 +377,45 @@ impl PushTarget {
             self.settle_ack(message)
         });
         futures_util::future::join_all(acks).await;
+
         // Moves to retry/DLQ run side by side, so their confirms are waited for together.
         let mut messages = Vec::with_capacity(failed.len());
         let mut failures = Vec::with_capacity(failed.len());
-        for ((message, change), error, dead) in failed {
-            failures.push((change, error, dead, message.attempt));
-            messages.push(message);
+        for f in failed {
+            failures.push((
+                f.change,
+                f.error,
+                f.dead,
+                f.alone,
+                f.event,
+                f.message.attempt,
+            ));
+            messages.push(f.message);
         }
-        let moves =
-            messages
-                .into_iter()
-                .zip(&failures)
-                .map(|(message, (change, error, dead, _))| {
-                    let failure = Failure {
-                        target: &self.name,
-                        error,
-                        dead: *dead,
-                        alone: whole_batch_failed,
-                        source: &change.source,
-                        kind: &change.kind,
-                        reference: &change.reference,
-                        now_ms,
-                    };
-                    self.broker.fail(message, failure)
-                });
+        let moves = messages.into_iter().zip(&failures).map(
+            |(message, (change, error, dead, alone, _, _))| {
+                let failure = Failure {
+                    target: &self.name,
+                    error,
+                    dead: *dead,
+                    alone: *alone,
+                    source: &change.source,
+                    kind: &change.kind,
+                    reference: &change.reference,
+                    now_ms,
+                };
+                self.broker.fail(message, failure)
+            },
+        );
         let results = futures_util::future::join_all(moves).await;
-        for ((change, error, _, attempt), result) in failures.iter().zip(results) {
+        for ((change, error, _, _, event, attempt), result) in failures.iter().zip(results) {
             records.push(record(
                 change,
                 &self.name,
                 State::Retrying,
                 *attempt,
                 Some(error),
-                "failed",
+                event,
                 error,
             ));
             match result {
@@ -386,6 +440,246 @@ impl PushTarget {
         self.write_records(records).await;
     }
 
+    /// The mapping of the route that brings `kind` from `source` to this target.
+    fn mapping_for(&self, source: &str, kind: &str) -> Arc<Compiled> {
+        self.shaping
+            .routes
+            .iter()
+            .find(|r| {
+                r.source == source
+                    && r.patterns
+                        .iter()
+                        .any(|p| crate::route::topic_matches(p, kind))
+            })
+            .map(|r| r.mapping.clone())
+            .unwrap_or_else(|| self.shaping.identity.clone())
+    }
+
+    /// Reshapes changes for the target: route mapping and script, 1C XDTO format, reference
+    /// analysis (`missing_refs = "wait"`: a change whose references never reached the target
+    /// waits; referenced objects in the batch go first) and remapping. Filtered and failed
+    /// changes are handed back; `None` when cancelled while the store was away.
+    async fn shape(
+        &self,
+        send: Vec<(Incoming, StoredChange)>,
+        filtered: &mut Vec<(Incoming, StoredChange, String)>,
+        failed: &mut Vec<FailedChange>,
+        cancel: &CancellationToken,
+    ) -> Option<Vec<(Incoming, StoredChange, Option<Shaped>)>> {
+        if !self.shaping.needed {
+            return Some(send.into_iter().map(|(m, c)| (m, c, None)).collect());
+        }
+        let wait = self.shaping.missing_refs == MissingRefs::Wait;
+        let mut items = Vec::with_capacity(send.len());
+        for (message, stored) in send {
+            let data = match stored
+                .data
+                .as_deref()
+                .map(|raw| serde_json::from_str::<Value>(raw.get()))
+            {
+                None => None,
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    let error = format!("data is not JSON: {e}");
+                    failed.push(FailedChange {
+                        message,
+                        change: stored,
+                        error,
+                        dead: true,
+                        alone: false,
+                        event: "failed",
+                    });
+                    continue;
+                }
+            };
+            let mapping = self.mapping_for(&stored.source, &stored.kind);
+            let change = transform::Change {
+                id: stored.id.clone(),
+                kind: stored.kind.clone(),
+                reference: stored.reference.clone(),
+                op: stored.op,
+                data,
+                source: stored.source.clone(),
+                seq: stored.seq,
+            };
+            let refs = if wait || self.shaping.remap {
+                mapping.references(&change)
+            } else {
+                Vec::new()
+            };
+            items.push(ShapeItem {
+                message,
+                stored,
+                change,
+                mapping,
+                refs,
+            });
+        }
+
+        // Referenced objects first, so the target has them before what refers to them.
+        let in_batch: HashSet<(String, String)> = items
+            .iter()
+            .map(|i| (i.stored.kind.clone(), i.stored.reference.clone()))
+            .collect();
+        let referenced: HashSet<(String, String)> = items
+            .iter()
+            .flat_map(|i| i.refs.iter().map(|r| (r.kind.clone(), r.reference.clone())))
+            .filter(|k| in_batch.contains(k))
+            .collect();
+        items.sort_by_key(|i| {
+            !referenced.contains(&(i.stored.kind.clone(), i.stored.reference.clone()))
+        });
+
+        if wait {
+            let keys: Vec<(String, String, String)> = items
+                .iter()
+                .flat_map(|i| {
+                    i.refs
+                        .iter()
+                        .map(|r| (i.stored.source.clone(), r.kind.clone(), r.reference.clone()))
+                })
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let mark_keys: Vec<MarkKey<'_>> = keys
+                .iter()
+                .map(|(s, k, r)| MarkKey {
+                    source: s,
+                    kind: k,
+                    reference: r,
+                })
+                .collect();
+            let marks = loop {
+                match self.store.marks(&self.name, &mark_keys).await {
+                    Ok(m) => break m,
+                    Err(e) => {
+                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return None,
+                        }
+                    }
+                }
+            };
+            let mut present: HashSet<(String, String, String)> = keys
+                .iter()
+                .zip(marks)
+                .filter(|(_, m)| m.is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut kept = Vec::with_capacity(items.len());
+            for item in items {
+                let missing: Vec<String> = item
+                    .refs
+                    .iter()
+                    .filter(|r| {
+                        !present.contains(&(
+                            item.stored.source.clone(),
+                            r.kind.clone(),
+                            r.reference.clone(),
+                        ))
+                    })
+                    .map(|r| format!("{} {}", r.kind, r.reference))
+                    .collect();
+                if missing.is_empty() {
+                    present.insert((
+                        item.stored.source.clone(),
+                        item.stored.kind.clone(),
+                        item.stored.reference.clone(),
+                    ));
+                    kept.push(item);
+                } else {
+                    let error = format!("missing reference {}", missing.join(", "));
+                    failed.push(FailedChange {
+                        message: item.message,
+                        change: item.stored,
+                        error,
+                        dead: false,
+                        alone: false,
+                        event: "waiting",
+                    });
+                }
+            }
+            items = kept;
+        }
+
+        let remap: Remap = if self.shaping.remap {
+            let pairs: Vec<(String, String)> = items
+                .iter()
+                .flat_map(|i| {
+                    i.refs
+                        .iter()
+                        .map(|r| (r.kind.clone(), r.reference.clone()))
+                        .chain(std::iter::once((
+                            i.stored.kind.clone(),
+                            i.stored.reference.clone(),
+                        )))
+                })
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let borrowed: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, r)| (k.as_str(), r.as_str()))
+                .collect();
+            let found = loop {
+                match self.store.remap_get(&self.name, &borrowed).await {
+                    Ok(found) => break found,
+                    Err(e) => {
+                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return None,
+                        }
+                    }
+                }
+            };
+            pairs
+                .into_iter()
+                .zip(found)
+                .filter_map(|(k, v)| v.map(|v| (k, v)))
+                .collect()
+        } else {
+            Remap::new()
+        };
+
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let target_ref = remap
+                .get(&(item.stored.kind.clone(), item.stored.reference.clone()))
+                .cloned();
+            match item.mapping.apply(item.change, &remap) {
+                Outcome::Deliver(c) => {
+                    let data = match self.shaping.format {
+                        Format::Lxbridge => c.data.clone(),
+                        Format::Xdto => Some(transform::to_xdto(&c)),
+                    };
+                    let data = data.map(|d| {
+                        serde_json::value::to_raw_value(&d).expect("JSON values serialise")
+                    });
+                    let shaped = Shaped {
+                        kind: c.kind,
+                        reference: c.reference,
+                        op: c.op,
+                        data,
+                        target_ref,
+                    };
+                    out.push((item.message, item.stored, Some(shaped)));
+                }
+                Outcome::Filtered(reason) => filtered.push((item.message, item.stored, reason)),
+                Outcome::Failed(error) => failed.push(FailedChange {
+                    message: item.message,
+                    change: item.stored,
+                    error,
+                    dead: false,
+                    alone: false,
+                    event: "failed",
+                }),
+            }
+        }
+        Some(out)
+    }
+
     async fn settle_ack(&self, message: Incoming) {
         if let Err(e) = self.broker.ack(message).await {
             warn!(target = %self.name, error = %e, "ack failed; the change will be redelivered and recognised");
@@ -402,8 +696,8 @@ impl PushTarget {
     /// `Err` is a whole-batch failure (transport, timeout, non-2xx).
     async fn post(
         &self,
-        send: &[(Incoming, StoredChange)],
-    ) -> Result<HashMap<String, (String, bool)>, SendError> {
+        send: &[(Incoming, StoredChange, Option<Shaped>)],
+    ) -> Result<Answer, SendError> {
         #[derive(Serialize)]
         struct Body<'a> {
             node: &'a str,
@@ -413,15 +707,29 @@ impl PushTarget {
             node: &self.name,
             changes: send
                 .iter()
-                .map(|(m, c)| OutgoingChange {
-                    id: &c.id,
-                    kind: &c.kind,
-                    reference: &c.reference,
-                    op: c.op,
-                    data: c.data.as_deref(),
-                    source: &c.source,
-                    seq: c.seq,
-                    attempt: m.attempt,
+                .map(|(m, c, shaped)| match shaped {
+                    None => OutgoingChange {
+                        id: &c.id,
+                        kind: &c.kind,
+                        reference: &c.reference,
+                        op: c.op,
+                        data: c.data.as_deref(),
+                        source: &c.source,
+                        seq: c.seq,
+                        attempt: m.attempt,
+                        target_ref: None,
+                    },
+                    Some(s) => OutgoingChange {
+                        id: &c.id,
+                        kind: &s.kind,
+                        reference: &s.reference,
+                        op: s.op,
+                        data: s.data.as_deref(),
+                        source: &c.source,
+                        seq: c.seq,
+                        attempt: m.attempt,
+                        target_ref: s.target_ref.as_deref(),
+                    },
                 })
                 .collect(),
         };
@@ -460,7 +768,7 @@ impl PushTarget {
                 _ => SendError::Refused(error),
             });
         }
-        Ok(parse_results(&text))
+        Ok(parse_answer(&text))
     }
 }
 
@@ -583,10 +891,18 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     cause
 }
 
-/// The target's optional per-change results: failed ids → (error, retry).
-fn parse_results(body: &[u8]) -> HashMap<String, (String, bool)> {
+/// The target's optional per-change results.
+#[derive(Debug, Default)]
+struct Answer {
+    /// Ids the target reported in error → (error, retry).
+    errors: HashMap<String, (String, bool)>,
+    /// Ids delivered with the target's own ref for the object (for remapping).
+    target_refs: HashMap<String, String>,
+}
+
+fn parse_answer(body: &[u8]) -> Answer {
     #[derive(Deserialize)]
-    struct Answer {
+    struct Wire {
         #[serde(default)]
         results: Vec<ChangeResult>,
     }
@@ -599,24 +915,27 @@ fn parse_results(body: &[u8]) -> HashMap<String, (String, bool)> {
         error: Option<String>,
         #[serde(default = "yes")]
         retry: bool,
+        #[serde(default)]
+        target_ref: Option<String>,
     }
     fn yes() -> bool {
         true
     }
-    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
-        return HashMap::new();
+    let Ok(wire) = serde_json::from_slice::<Wire>(body) else {
+        return Answer::default();
     };
-    answer
-        .results
-        .into_iter()
-        .filter(|r| r.status == "error")
-        .map(|r| {
+    let mut answer = Answer::default();
+    for r in wire.results {
+        if r.status == "error" {
             let error = r
                 .error
                 .unwrap_or_else(|| "target reported an error without a message".into());
-            (r.id, (error, r.retry))
-        })
-        .collect()
+            answer.errors.insert(r.id, (error, r.retry));
+        } else if let Some(target_ref) = r.target_ref.filter(|t| !t.is_empty()) {
+            answer.target_refs.insert(r.id, target_ref);
+        }
+    }
+    answer
 }
 
 fn record(
@@ -650,6 +969,55 @@ fn record(
     }
 }
 
+/// A change reshaped for its target by the route mapping, format and remap.
+struct Shaped {
+    kind: String,
+    reference: String,
+    op: Op,
+    data: Option<Box<RawValue>>,
+    target_ref: Option<String>,
+}
+
+/// A change on its way through `shape`.
+struct ShapeItem {
+    message: Incoming,
+    stored: StoredChange,
+    change: transform::Change,
+    mapping: Arc<Compiled>,
+    refs: Vec<transform::Reference>,
+}
+
+/// A change that failed, at the target or before sending.
+struct FailedChange {
+    message: Incoming,
+    change: StoredChange,
+    error: String,
+    dead: bool,
+    /// Its whole batch failed: retry it in a batch of its own.
+    alone: bool,
+    /// The history event: `failed`, or `waiting` for a missing reference.
+    event: &'static str,
+}
+
+/// How this target's changes are reshaped, from the routes to it and its deliver config.
+pub struct Shaping {
+    pub routes: Vec<RouteShape>,
+    pub identity: Arc<Compiled>,
+    pub format: Format,
+    pub missing_refs: MissingRefs,
+    pub remap: bool,
+    /// False when nothing reshapes (the zero-copy path).
+    pub needed: bool,
+}
+
+/// One route into this target.
+pub struct RouteShape {
+    pub source: String,
+    /// Topic patterns of the route's types.
+    pub patterns: Vec<String>,
+    pub mapping: Arc<Compiled>,
+}
+
 /// An object as one source sees it: (source, type, ref).
 type ObjectKey<'a> = (&'a str, &'a str, &'a str);
 
@@ -677,12 +1045,13 @@ mod tests {
 
     #[test]
     fn per_change_results() {
-        let body = br#"{"results": [{"id": "a", "status": "ok"}, {"id": "b", "status": "error", "error": "bad", "retry": false}, {"id": "c", "status": "error", "error": "later"}]}"#;
-        let r = parse_results(body);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r["b"], ("bad".to_string(), false));
-        assert_eq!(r["c"], ("later".to_string(), true));
-        assert!(parse_results(b"").is_empty());
-        assert!(parse_results(b"OK").is_empty());
+        let body = br#"{"results": [{"id": "a", "status": "ok", "target_ref": "t-1"}, {"id": "b", "status": "error", "error": "bad", "retry": false}, {"id": "c", "status": "error", "error": "later"}]}"#;
+        let r = parse_answer(body);
+        assert_eq!(r.errors.len(), 2);
+        assert_eq!(r.errors["b"], ("bad".to_string(), false));
+        assert_eq!(r.errors["c"], ("later".to_string(), true));
+        assert_eq!(r.target_refs["a"], "t-1");
+        assert!(parse_answer(b"").errors.is_empty());
+        assert!(parse_answer(b"OK").errors.is_empty());
     }
 }

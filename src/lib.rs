@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod route;
 pub mod store;
+pub mod transform;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -38,6 +38,15 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print, for each target of a route, a change (read from stdin) as that target would
+    /// receive it, or why it would be filtered.
+    Transform {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The route's `name`.
+        #[arg(long)]
+        route: String,
+    },
     /// Print an object's status per target and its history.
     Status {
         #[command(flatten)]
@@ -141,6 +150,7 @@ fn main() -> ExitCode {
                 (c, reqwest::Method::DELETE, path, selection(ids))
             }),
         }),
+        Command::Transform { config, route } => report(transform(config, &route)),
         Command::Status { config, reference } => report(admin_call(config, move |c| {
             let path = format!("/api/v1/objects/{}", cli::encode_segment(&reference));
             (c, reqwest::Method::GET, path, None)
@@ -169,6 +179,21 @@ fn run(args: ConfigArg) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     init_logging(&config.server.log_format);
     runtime()?.block_on(lxbridge::app::run(config))?;
+    Ok(())
+}
+
+fn transform(args: ConfigArg, route: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    let config = Config::load(&args.config)?;
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("cannot read the change from stdin")?;
+    let lines =
+        lxbridge::admin::preview::run(&config, route, &input).map_err(anyhow::Error::msg)?;
+    for line in lines {
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -414,6 +414,9 @@ pub struct OutgoingChange<'a> {
     pub source: &'a str,
     pub seq: i64,
     pub attempt: u32,
+    /// The target's own ref for the object, when its remap table knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<&'a str>,
 }
 
 #[cfg(test)]

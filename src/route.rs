@@ -23,7 +23,7 @@ pub struct Routes {
 }
 
 /// Turns a route pattern into the topic pattern the broker uses.
-fn topic_pattern(pattern: &str) -> String {
+pub fn topic_pattern(pattern: &str) -> String {
     if pattern == "*" {
         "#".to_string()
     } else {

@@ -10,6 +10,7 @@
 //! - `h:{<ref>}`       list of history events (JSON), bounded
 //! - `m:<target>:<source>:{<ref>}:<type>` last delivered seq of that object from that
 //!   source at that target
+//! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
 //!
 //! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, so the one Lua
 //! script that records an event, its statuses and its delivery mark stays atomic.
@@ -37,6 +38,8 @@ pub enum State {
     Delivered,
     Dead,
     Superseded,
+    /// The route's mapping or script decided the target doesn't get it.
+    Filtered,
 }
 
 impl State {
@@ -46,7 +49,7 @@ impl State {
         match self {
             State::Queued => 0,
             State::Retrying => 1,
-            State::Delivered | State::Dead | State::Superseded => 2,
+            State::Delivered | State::Dead | State::Superseded | State::Filtered => 2,
         }
     }
 }
@@ -165,6 +168,18 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<Option<ObjectView>, StoreError>>;
+    /// The target's refs for (type, source ref) pairs, from its remap table.
+    fn remap_get<'a>(
+        &'a self,
+        target: &'a str,
+        pairs: &'a [(&'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>>;
+    /// Stores (type, source ref, target ref) triples in the target's remap table.
+    fn remap_put<'a>(
+        &'a self,
+        target: &'a str,
+        triples: &'a [(&'a str, &'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// RFC 3339 UTC with exactly three fraction digits (so the strings sort by time).
@@ -609,6 +624,46 @@ impl Store for RedisStore {
                 (&a.at, a.event != "accepted").cmp(&(&b.at, b.event != "accepted"))
             });
             Ok(Some(view))
+        })
+    }
+
+    fn remap_get<'a>(
+        &'a self,
+        target: &'a str,
+        pairs: &'a [(&'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>> {
+        self.timed(async move {
+            if pairs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.conn().await?;
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(format!("{}:r:{target}", self.prefix));
+            for (kind, source_ref) in pairs {
+                cmd.arg(format!("{kind}\t{source_ref}"));
+            }
+            cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))
+        })
+    }
+
+    fn remap_put<'a>(
+        &'a self,
+        target: &'a str,
+        triples: &'a [(&'a str, &'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.timed(async move {
+            if triples.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.conn().await?;
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(format!("{}:r:{target}", self.prefix));
+            for (kind, source_ref, target_ref) in triples {
+                cmd.arg(format!("{kind}\t{source_ref}")).arg(*target_ref);
+            }
+            cmd.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))
         })
     }
 }

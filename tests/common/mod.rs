@@ -79,7 +79,11 @@ pub struct TargetInner {
     /// Answer every POST with this status instead (0 = normal).
     pub status: AtomicUsize,
     pub delay_ms: AtomicU64,
+    /// The target's own ref to answer for a change it takes (for remapping).
+    pub target_ref: Mutex<Option<TargetRef>>,
 }
+
+pub type TargetRef = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct Target {
@@ -102,6 +106,7 @@ impl Target {
             verdict: Mutex::new(None),
             status: AtomicUsize::new(0),
             delay_ms: AtomicU64::new(0),
+            target_ref: Mutex::new(None),
         });
         let app = Router::new()
             .route("/receive", post(receive))
@@ -149,6 +154,10 @@ impl Target {
         *self.inner.verdict.lock().unwrap() = Some(Arc::new(f));
     }
 
+    pub fn set_target_ref(&self, f: impl Fn(&Value) -> Option<String> + Send + Sync + 'static) {
+        *self.inner.target_ref.lock().unwrap() = Some(Arc::new(f));
+    }
+
     pub fn set_status(&self, status: u16) {
         self.inner.status.store(status as usize, Ordering::SeqCst);
     }
@@ -185,6 +194,7 @@ async fn receive(State(t): State<Arc<TargetInner>>, headers: HeaderMap, body: By
         .get("authorization")
         .map(|v| v.to_str().unwrap().to_string());
     let verdict = t.verdict.lock().unwrap().clone();
+    let target_ref = t.target_ref.lock().unwrap().clone();
     let mut results = Vec::new();
     let mut ids = Vec::new();
     for change in parsed["changes"].as_array().expect("changes array") {
@@ -198,7 +208,11 @@ async fn receive(State(t): State<Arc<TargetInner>>, headers: HeaderMap, body: By
                     gzip: gz,
                     node: node.clone(),
                 });
-                results.push(serde_json::json!({"id": change["id"], "status": "ok"}));
+                let mut ok = serde_json::json!({"id": change["id"], "status": "ok"});
+                if let Some(r) = target_ref.as_ref().and_then(|f| f(change)) {
+                    ok["target_ref"] = Value::String(r);
+                }
+                results.push(ok);
             }
             Some((error, retry)) => results.push(
                 serde_json::json!({"id": change["id"], "status": "error", "error": error, "retry": retry}),
