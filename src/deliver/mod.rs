@@ -1,33 +1,39 @@
-//! Push delivery: consumes a target's queue and POSTs batches of changes to the target
-//! (API.md "Delivering to a push node"), then settles each change by the answer.
+//! Delivery: what happens to a change between its target's queue and the target, for push
+//! targets ([`push`]: lxbridge POSTs batches) and pull targets ([`pull`]: the node polls its
+//! inbox and confirms). [`Core`] is what both share: deciding each consumed change's fate
+//! (superseded, a redelivery the target already has, or to send), reshaping it for the target
+//! (mapping, script, references, remap, format), and settling the answer (delivery marks,
+//! status and history, acks, retry/DLQ moves).
 //!
-//! Per-object order: a dispatcher hashes each change's ref to one of `concurrency` lanes;
-//! a lane sends one batch at a time, so changes to one object leave in queue order. Before
-//! sending, each change's seq is checked against the target's delivery mark for its ref:
-//! an older one is dropped as `superseded`, an equal one (a redelivery of what the target
-//! already has) is acked without sending. Marks are raised only after the target said ok.
+//! Per-object order: for a push target a dispatcher hashes each change's ref to one of
+//! `concurrency` lanes and a lane sends one batch at a time; a pull target hands out one
+//! message at a time. Before sending, each change's seq is checked against the target's
+//! delivery mark for its (source, type, ref): an older one is dropped as `superseded`, an
+//! equal one (a redelivery of what the target already has) is acked without sending. Marks
+//! are raised only after the target confirmed.
 //!
 //! Invariant: a message is acked only after the target answered for it, or after its move
 //! to a retry step or the DLQ was confirmed by the broker.
 
-use crate::broker::{reject_unreadable, Broker, Failure, Incoming};
-use crate::config::{Auth, DeliverConfig, Format, MissingRefs};
+use crate::broker::{Broker, Failure, Incoming};
+use crate::config::{Format, MissingRefs};
 use crate::metrics::TargetMetrics;
-use crate::model::{Op, OutgoingChange, StoredChange};
+use crate::model::{Op, StoredChange};
 use crate::store::{unix_ms_now, HistoryEvent, Mark, MarkKey, Record, State, StatusUpdate, Store};
 use crate::transform::{self, Compiled, Outcome, Remap};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
+
+pub mod pull;
+pub mod push;
+
+pub use push::{announce, PushTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
@@ -36,139 +42,31 @@ pub enum DeliverError {
 }
 
 /// Everything a target's delivery needs.
-pub struct PushTarget {
+/// What push and pull delivery share for one target.
+pub struct Core {
     pub name: String,
-    pub url: String,
-    pub auth: Option<Auth>,
-    pub batch_max: usize,
-    pub timeout: Duration,
-    pub gzip: bool,
-    pub concurrency: usize,
-    pub client: reqwest::Client,
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub metrics: TargetMetrics,
-    breaker: Breaker,
-    shaping: Shaping,
+    pub shaping: Shaping,
 }
 
-impl PushTarget {
-    pub fn new(
-        name: &str,
-        d: &DeliverConfig,
-        broker: Arc<dyn Broker>,
-        store: Arc<dyn Store>,
-        metrics: TargetMetrics,
-        shaping: Shaping,
-    ) -> Result<PushTarget, DeliverError> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(d.concurrency)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| DeliverError::Client(e.to_string()))?;
-        Ok(PushTarget {
-            name: name.to_string(),
-            url: d.url.clone().unwrap_or_default(),
-            auth: d.auth.clone(),
-            batch_max: d.batch_max,
-            timeout: d.timeout.0,
-            gzip: d.gzip,
-            concurrency: d.concurrency,
-            client,
-            broker,
-            store,
-            breaker: Breaker::new(metrics.breaker_open.clone()),
-            metrics,
-            shaping,
-        })
-    }
+/// A batch ready to hand to the target, with what was settled or failed on the way.
+pub(crate) struct Prepared {
+    pub send: Vec<(Incoming, StoredChange, Option<Shaped>)>,
+    pub failed: Vec<FailedChange>,
+    pub records: Vec<Record>,
+}
 
-    /// Prefetch for this target's consumer: enough to keep every lane's next batch ready.
-    fn prefetch(&self) -> u16 {
-        (self.batch_max * self.concurrency * 2).clamp(1, 10_000) as u16
-    }
-
-    /// Starts the dispatcher and lanes on `tracker`; they stop after `cancel`, finishing
-    /// the batch each lane has in flight.
-    pub fn start(self, cancel: CancellationToken, tracker: &TaskTracker) {
-        let target = Arc::new(self);
-        let mut incoming = target.broker.consume(&target.name, target.prefetch());
-        let mut lanes = Vec::with_capacity(target.concurrency);
-        for lane in 0..target.concurrency {
-            let (tx, rx) = mpsc::channel::<(Incoming, StoredChange)>(target.batch_max);
-            lanes.push(tx);
-            tracker.spawn(target.clone().lane(lane, rx, cancel.clone()));
-        }
-        let t = target.clone();
-        tracker.spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    m = incoming.recv() => match m { Some(m) => m, None => break },
-                };
-                let change: StoredChange = match serde_json::from_slice(&message.body) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let why = format!("message is not an lxbridge change: {e}");
-                        warn!(target = %t.name, error = %why, "dead-lettering unreadable message");
-                        reject_unreadable(t.broker.as_ref(), message, &t.name, &why).await;
-                        continue;
-                    }
-                };
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                change.reference.hash(&mut h);
-                let lane = (h.finish() % lanes.len() as u64) as usize;
-                if lanes[lane].send((message, change)).await.is_err() {
-                    break;
-                }
-            }
-            debug!(target = %t.name, "dispatcher stopped");
-        });
-    }
-
-    async fn lane(
-        self: Arc<Self>,
-        lane: usize,
-        mut rx: mpsc::Receiver<(Incoming, StoredChange)>,
-        cancel: CancellationToken,
-    ) {
-        // A change whose whole batch failed is retried alone, so a change the target can't
-        // take (one that fails its whole batch) can't take the changes beside it down with it.
-        let mut next: Option<(Incoming, StoredChange)> = None;
-        loop {
-            let first = match next.take() {
-                Some(m) => m,
-                None => tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    m = rx.recv() => match m { Some(m) => m, None => break },
-                },
-            };
-            let alone = first.0.alone;
-            let mut batch = vec![first];
-            while !alone && batch.len() < self.batch_max {
-                match rx.try_recv() {
-                    Ok(m) if m.0.alone => {
-                        next = Some(m);
-                        break;
-                    }
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            self.deliver_batch(batch, &cancel).await;
-            if cancel.is_cancelled() {
-                break;
-            }
-        }
-        debug!(target = %self.name, lane, "lane stopped");
-    }
-
-    /// Delivers one batch and settles every message in it.
-    async fn deliver_batch(
+impl Core {
+    /// Decides each change's fate (superseded and redelivered ones are settled here) and
+    /// reshapes the rest for the target (filtered ones are settled here). `None` when
+    /// cancelled while the store was away (nothing is acked then).
+    pub(crate) async fn prepare(
         &self,
         batch: Vec<(Incoming, StoredChange)>,
         cancel: &CancellationToken,
-    ) {
+    ) -> Option<Prepared> {
         // Decide each change's fate from the batch and the marks before moving anything:
         // within the batch only the newest change per object is worth sending.
         let decisions: Vec<Decision> = {
@@ -193,7 +91,7 @@ impl PushTarget {
                         warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return, // unacked: redelivered after restart
+                            _ = cancel.cancelled() => return None, // unacked: redelivered after restart
                         }
                     }
                 }
@@ -246,12 +144,11 @@ impl PushTarget {
         for message in already {
             debug!(target = %self.name, "redelivered change already delivered; acking");
             self.settle_ack(message).await;
-        }
-        // Reshape for the target (mapping, script, references, remap, format).
+        } // Reshape for the target (mapping, script, references, remap, format).
         let mut failed: Vec<FailedChange> = Vec::new();
         let mut filtered = Vec::new();
         let Some(send) = self.shape(send, &mut filtered, &mut failed, cancel).await else {
-            return; // shutting down while the store was away: unacked, redelivered later
+            return None; // shutting down while the store was away: unacked, redelivered later
         };
         for (message, change, reason) in filtered {
             records.push(record(
@@ -266,42 +163,23 @@ impl PushTarget {
             self.metrics.filtered.inc();
             self.settle_ack(message).await;
         }
+        Some(Prepared {
+            send,
+            failed,
+            records,
+        })
+    }
 
-        // Send; while the breaker says the target is down, hold the batch and try again
-        // (a held batch uses no retry step, so an outage does not walk changes to the DLQ).
-        let answer = if send.is_empty() {
-            Ok(Answer::default())
-        } else {
-            loop {
-                let Some(probe) = self.breaker.admit(cancel).await else {
-                    return; // shutting down: unacked, redelivered after restart
-                };
-                self.metrics.inflight.add(send.len() as i64);
-                let started = Instant::now();
-                let answer = self.post(&send).await;
-                self.metrics
-                    .duration
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics.inflight.sub(send.len() as i64);
-                match answer {
-                    Err(SendError::Unreachable(e)) => {
-                        if self.breaker.unreachable(probe, &self.name, &e) {
-                            continue;
-                        }
-                        break Err(e);
-                    }
-                    Err(SendError::Refused(e)) => {
-                        self.breaker.reachable(probe, &self.name);
-                        break Err(e);
-                    }
-                    Ok(answer) => {
-                        self.breaker.reachable(probe, &self.name);
-                        break Ok(answer);
-                    }
-                }
-            }
-        };
-
+    /// Settles a batch by the target's answer (`Err`: the whole batch failed with that error):
+    /// delivered changes get their marks and status before their acks; failed ones (and
+    /// those `prepare` failed) move to their retry step or the DLQ.
+    pub(crate) async fn settle(
+        &self,
+        send: Vec<(Incoming, StoredChange, Option<Shaped>)>,
+        answer: Result<Answer, String>,
+        mut failed: Vec<FailedChange>,
+        mut records: Vec<Record>,
+    ) {
         let now_ms = unix_ms_now();
         let mut delivered = Vec::with_capacity(send.len());
         let mut learned: Vec<(String, String, String)> = Vec::new();
@@ -439,7 +317,6 @@ impl PushTarget {
         }
         self.write_records(records).await;
     }
-
     /// The mapping of the route that brings `kind` from `source` to this target.
     fn mapping_for(&self, source: &str, kind: &str) -> Arc<Compiled> {
         self.shaping
@@ -679,7 +556,6 @@ impl PushTarget {
         }
         Some(out)
     }
-
     async fn settle_ack(&self, message: Incoming) {
         if let Err(e) = self.broker.ack(message).await {
             warn!(target = %self.name, error = %e, "ack failed; the change will be redelivered and recognised");
@@ -691,216 +567,18 @@ impl PushTarget {
             warn!(target = %self.name, error = %e, "could not record delivery status");
         }
     }
-
-    /// POSTs the batch. `Ok` maps the ids the target reported in error to (error, retry);
-    /// `Err` is a whole-batch failure (transport, timeout, non-2xx).
-    async fn post(
-        &self,
-        send: &[(Incoming, StoredChange, Option<Shaped>)],
-    ) -> Result<Answer, SendError> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            node: &'a str,
-            changes: Vec<OutgoingChange<'a>>,
-        }
-        let body = Body {
-            node: &self.name,
-            changes: send
-                .iter()
-                .map(|(m, c, shaped)| match shaped {
-                    None => OutgoingChange {
-                        id: &c.id,
-                        kind: &c.kind,
-                        reference: &c.reference,
-                        op: c.op,
-                        data: c.data.as_deref(),
-                        source: &c.source,
-                        seq: c.seq,
-                        attempt: m.attempt,
-                        target_ref: None,
-                    },
-                    Some(s) => OutgoingChange {
-                        id: &c.id,
-                        kind: &s.kind,
-                        reference: &s.reference,
-                        op: s.op,
-                        data: s.data.as_deref(),
-                        source: &c.source,
-                        seq: c.seq,
-                        attempt: m.attempt,
-                        target_ref: s.target_ref.as_deref(),
-                    },
-                })
-                .collect(),
-        };
-        let json = serde_json::to_vec(&body).expect("delivery body serialises");
-        let mut request = self
-            .client
-            .post(&self.url)
-            .timeout(self.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json");
-        let payload = if self.gzip {
-            let mut enc = flate2::write::GzEncoder::new(
-                Vec::with_capacity(json.len() / 4),
-                flate2::Compression::fast(),
-            );
-            enc.write_all(&json).expect("writing to a Vec");
-            request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
-            enc.finish().expect("finishing a Vec")
-        } else {
-            json
-        };
-        request = match &self.auth {
-            Some(Auth::Bearer(token)) => request.bearer_auth(token),
-            Some(Auth::Basic { user, password }) => request.basic_auth(user, Some(password)),
-            None => request,
-        };
-        let unreachable = |e: reqwest::Error| SendError::Unreachable(describe(&e, self.timeout));
-        let response = request.body(payload).send().await.map_err(unreachable)?;
-        let status = response.status();
-        let text = response.bytes().await.map_err(unreachable)?;
-        if !status.is_success() {
-            let snippet = String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned();
-            let error = format!("target answered HTTP {}: {snippet}", status.as_u16());
-            // A gateway in front of a target that is down, or a target asking for air.
-            return Err(match status.as_u16() {
-                429 | 502 | 503 | 504 => SendError::Unreachable(error),
-                _ => SendError::Refused(error),
-            });
-        }
-        Ok(parse_answer(&text))
-    }
-}
-
-/// Why a whole batch failed.
-enum SendError {
-    /// The target could not be reached or is unavailable: counts toward the breaker.
-    Unreachable(String),
-    /// The target answered, but not 2xx: the batch goes to its retry step.
-    Refused(String),
-}
-
-/// A circuit breaker per target: after `THRESHOLD` unreachable answers in a row it opens;
-/// while open, lanes wait; after a cool-down (1 s doubling to 30 s) one lane probes with its
-/// batch; a reachable answer closes it.
-pub struct Breaker {
-    state: std::sync::Mutex<BreakerState>,
-    gauge: prometheus::IntGauge,
-}
-
-#[derive(Default)]
-struct BreakerState {
-    failures: u32,
-    open: bool,
-    probing: bool,
-    until: Option<Instant>,
-    cooldown: Duration,
-}
-
-impl Breaker {
-    const THRESHOLD: u32 = 5;
-    const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
-    const MAX_COOLDOWN: Duration = Duration::from_secs(30);
-
-    pub fn new(gauge: prometheus::IntGauge) -> Breaker {
-        gauge.set(0);
-        Breaker {
-            state: std::sync::Mutex::new(BreakerState::default()),
-            gauge,
-        }
-    }
-
-    /// Waits until a batch may be sent; `Some(true)` when it is the half-open probe,
-    /// `None` when cancelled.
-    async fn admit(&self, cancel: &CancellationToken) -> Option<bool> {
-        loop {
-            let wait = {
-                let mut s = self.state.lock().expect("breaker lock");
-                if !s.open {
-                    return Some(false);
-                }
-                let now = Instant::now();
-                match s.until {
-                    Some(until) if now < until => until - now,
-                    _ if s.probing => Duration::from_millis(50),
-                    _ => {
-                        s.probing = true;
-                        return Some(true);
-                    }
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep(wait.min(Duration::from_millis(500))) => {}
-            }
-        }
-    }
-
-    fn reachable(&self, probe: bool, target: &str) {
-        let mut s = self.state.lock().expect("breaker lock");
-        s.failures = 0;
-        if s.open && (probe || !s.probing) {
-            *s = BreakerState::default();
-            self.gauge.set(0);
-            info!(%target, "target answers again; breaker closed");
-        }
-    }
-
-    /// Records an unreachable answer; true means hold the batch and send it again later.
-    fn unreachable(&self, probe: bool, target: &str, error: &str) -> bool {
-        let mut s = self.state.lock().expect("breaker lock");
-        if probe {
-            s.probing = false;
-            s.cooldown = (s.cooldown * 2).min(Self::MAX_COOLDOWN);
-            s.until = Some(Instant::now() + s.cooldown);
-            return true;
-        }
-        if s.open {
-            return true;
-        }
-        s.failures += 1;
-        if s.failures < Self::THRESHOLD {
-            return false;
-        }
-        s.open = true;
-        s.cooldown = Self::FIRST_COOLDOWN;
-        s.until = Some(Instant::now() + s.cooldown);
-        self.gauge.set(1);
-        warn!(%target, %error, "target unreachable {} times in a row; breaker open, deliveries paused", Self::THRESHOLD);
-        true
-    }
-}
-
-fn describe(e: &reqwest::Error, timeout: Duration) -> String {
-    if e.is_timeout() {
-        format!("target did not answer within {}s", timeout.as_secs_f64())
-    } else if e.is_connect() {
-        format!("cannot connect to target: {}", root_cause(e))
-    } else {
-        format!("HTTP request failed: {}", root_cause(e))
-    }
-}
-
-fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cause = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        cause = s.to_string();
-        source = s.source();
-    }
-    cause
 }
 
 /// The target's optional per-change results.
 #[derive(Debug, Default)]
-struct Answer {
+pub(crate) struct Answer {
     /// Ids the target reported in error → (error, retry).
     errors: HashMap<String, (String, bool)>,
     /// Ids delivered with the target's own ref for the object (for remapping).
     target_refs: HashMap<String, String>,
 }
 
-fn parse_answer(body: &[u8]) -> Answer {
+pub(crate) fn parse_answer(body: &[u8]) -> Answer {
     #[derive(Deserialize)]
     struct Wire {
         #[serde(default)]
@@ -937,8 +615,7 @@ fn parse_answer(body: &[u8]) -> Answer {
     }
     answer
 }
-
-fn record(
+pub(crate) fn record(
     change: &StoredChange,
     target: &str,
     state: State,
@@ -968,9 +645,8 @@ fn record(
         mark: None,
     }
 }
-
 /// A change reshaped for its target by the route mapping, format and remap.
-struct Shaped {
+pub(crate) struct Shaped {
     kind: String,
     reference: String,
     op: Op,
@@ -979,7 +655,7 @@ struct Shaped {
 }
 
 /// A change on its way through `shape`.
-struct ShapeItem {
+pub(crate) struct ShapeItem {
     message: Incoming,
     stored: StoredChange,
     change: transform::Change,
@@ -988,7 +664,7 @@ struct ShapeItem {
 }
 
 /// A change that failed, at the target or before sending.
-struct FailedChange {
+pub(crate) struct FailedChange {
     message: Incoming,
     change: StoredChange,
     error: String,
@@ -1032,11 +708,6 @@ enum Decision {
     Superseded,
     /// The target already has exactly this change (a redelivery).
     AlreadyDelivered,
-}
-
-/// Logs the delivery set-up once at start.
-pub fn announce(target: &PushTarget) {
-    info!(target = %target.name, url = %target.url, batch_max = target.batch_max, concurrency = target.concurrency, "push delivery configured");
 }
 
 #[cfg(test)]

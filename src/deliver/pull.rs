@@ -1,0 +1,1 @@
+//! Pull delivery (inbox): see issue 7.
