@@ -7,8 +7,9 @@
 //! 2. close the broker connections (unacked prefetched messages go back to their queues).
 
 use crate::broker::{Broker, RabbitBroker};
-use crate::config::{Config, DeliverConfig, Format, MissingRefs};
-use crate::deliver::{announce, PushTarget, RouteShape, Shaping};
+use crate::config::{Config, DeliverConfig, DeliverMode, Format, MissingRefs};
+use crate::deliver::pull::Inbox;
+use crate::deliver::{announce, Core, PushTarget, RouteShape, Shaping};
 use crate::metrics::Metrics;
 use crate::route::Routes;
 use crate::store::{RedisStore, Store};
@@ -19,6 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +69,11 @@ impl Running {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
+        .route("/api/v1/nodes/{node}/inbox", get(ingress::get_inbox))
+        .route(
+            "/api/v1/nodes/{node}/inbox/ack",
+            post(ingress::post_inbox_ack),
+        )
         .route("/api/v1/objects/{*reference}", get(admin::get_object))
         .route(
             "/api/v1/dlq/{target}",
@@ -158,6 +165,26 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
     );
     let broker: Arc<dyn Broker> = rabbit.clone();
 
+    let mut inboxes = HashMap::new();
+    for node in &config.nodes {
+        let Some(deliver) = node
+            .deliver
+            .as_ref()
+            .filter(|d| d.mode == DeliverMode::Pull)
+        else {
+            continue;
+        };
+        let core = Core {
+            name: node.name.clone(),
+            broker: broker.clone(),
+            store: store.clone(),
+            metrics: metrics.target(&node.name),
+            shaping: shaping(&config, &node.name, deliver)?,
+        };
+        let inbox = Inbox::new(core, deliver.batch_max, deliver.lease.0);
+        inbox.start(shutdown.clone(), &delivery_tasks);
+        inboxes.insert(node.name.clone(), inbox);
+    }
     for (node, deliver) in config.push_targets() {
         let target = PushTarget::new(
             &node.name,
@@ -185,6 +212,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         metrics,
         node_metrics,
         dlq_lock: tokio::sync::Mutex::new(()),
+        inboxes,
+        shutdown: shutdown.clone(),
     });
     spawn_queue_depths(&state, shutdown.clone(), &broker_tasks);
     let app = router(state.clone());

@@ -587,3 +587,98 @@ mod tests {
         assert!(parse_items(BodyKind::Json, b"42").is_err());
     }
 }
+
+#[derive(serde::Deserialize)]
+pub struct InboxQuery {
+    limit: Option<usize>,
+    wait: Option<u64>,
+}
+
+/// The longest a poll may wait for changes.
+const MAX_WAIT_SECS: u64 = 120;
+
+/// Node auth and the node's inbox, or the error answer.
+fn inbox_of<'a>(
+    app: &'a AppState,
+    node: &str,
+    headers: &HeaderMap,
+) -> Result<&'a std::sync::Arc<crate::deliver::pull::Inbox>, Response> {
+    let Some(node_config) = app.config.node(node) else {
+        return Err(error_response(
+            StatusCode::NOT_FOUND,
+            format!("unknown node {node:?}"),
+        ));
+    };
+    if let Err(why) = authorised(headers, node, &node_config.token) {
+        return Err(error_response(StatusCode::UNAUTHORIZED, why));
+    }
+    app.inboxes.get(node).ok_or_else(|| {
+        error_response(
+            StatusCode::NOT_FOUND,
+            format!("node {node:?} has no inbox: its [node.deliver] mode is not \"pull\""),
+        )
+    })
+}
+
+/// `GET /api/v1/nodes/{node}/inbox?limit=100&wait=25`
+pub async fn get_inbox(
+    State(app): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    query: Result<axum::extract::Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let inbox = match inbox_of(&app, &node, &headers) {
+        Ok(inbox) => inbox,
+        Err(r) => return r,
+    };
+    let Ok(axum::extract::Query(query)) = query else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "limit and wait must be whole numbers",
+        );
+    };
+    let wait = std::time::Duration::from_secs(query.wait.unwrap_or(25).min(MAX_WAIT_SECS));
+    match inbox
+        .poll(query.limit.unwrap_or(usize::MAX), wait, &app.shutdown)
+        .await
+    {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxAck {
+    message_no: i64,
+    results: Option<Value>,
+}
+
+/// `POST /api/v1/nodes/{node}/inbox/ack` `{"message_no": N, "results": [...]}`
+pub async fn post_inbox_ack(
+    State(app): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let inbox = match inbox_of(&app, &node, &headers) {
+        Ok(inbox) => inbox,
+        Err(r) => return r,
+    };
+    let ack: InboxAck = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"message_no\": N, \"results\": [...]}}: {e}"),
+            )
+        }
+    };
+    match inbox.ack(ack.message_no, ack.results.as_ref()).await {
+        Ok(confirmed) => Json(json!({ "confirmed": confirmed })).into_response(),
+        Err(e @ crate::deliver::pull::InboxError::Unavailable(_)) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}

@@ -33,4 +33,8 @@ pub struct AppState {
     pub node_metrics: HashMap<String, metrics::NodeMetrics>,
     /// Serialises DLQ list/replay/purge in this process (they hold DLQ messages unacked).
     pub dlq_lock: tokio::sync::Mutex<()>,
+    /// The inbox of each pull target.
+    pub inboxes: HashMap<String, Arc<deliver::pull::Inbox>>,
+    /// Cancelled on shutdown: long polls end early.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }

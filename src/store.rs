@@ -10,6 +10,7 @@
 //! - `h:{<ref>}`       list of history events (JSON), bounded
 //! - `m:<target>:<source>:{<ref>}:<type>` last delivered seq of that object from that
 //!   source at that target
+//! - `inbox:<target>`  a pull target's last message number
 //! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
 //!
 //! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, so the one Lua
@@ -168,6 +169,8 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<Option<ObjectView>, StoreError>>;
+    /// The next inbox message number of a pull target: it only grows, across restarts too.
+    fn next_message_no<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<i64, StoreError>>;
     /// The target's refs for (type, source ref) pairs, from its remap table.
     fn remap_get<'a>(
         &'a self,
@@ -662,6 +665,17 @@ impl Store for RedisStore {
                 cmd.arg(format!("{kind}\t{source_ref}")).arg(*target_ref);
             }
             cmd.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))
+        })
+    }
+
+    fn next_message_no<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<i64, StoreError>> {
+        self.timed(async move {
+            let mut conn = self.conn().await?;
+            redis::cmd("INCR")
+                .arg(format!("{}:inbox:{target}", self.prefix))
+                .query_async(&mut conn)
                 .await
                 .map_err(|e| self.failed(e))
         })

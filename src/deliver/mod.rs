@@ -18,7 +18,7 @@
 use crate::broker::{Broker, Failure, Incoming};
 use crate::config::{Format, MissingRefs};
 use crate::metrics::TargetMetrics;
-use crate::model::{Op, StoredChange};
+use crate::model::{Op, OutgoingChange, StoredChange};
 use crate::store::{unix_ms_now, HistoryEvent, Mark, MarkKey, Record, State, StatusUpdate, Store};
 use crate::transform::{self, Compiled, Outcome, Remap};
 use serde::Deserialize;
@@ -42,6 +42,38 @@ pub enum DeliverError {
 }
 
 /// Everything a target's delivery needs.
+/// The changes of a batch as the target receives them (API.md), reshaped where `Shaped`.
+pub(crate) fn outgoing(
+    send: &[(Incoming, StoredChange, Option<Shaped>)],
+) -> Vec<OutgoingChange<'_>> {
+    send.iter()
+        .map(|(m, c, shaped)| match shaped {
+            None => OutgoingChange {
+                id: &c.id,
+                kind: &c.kind,
+                reference: &c.reference,
+                op: c.op,
+                data: c.data.as_deref(),
+                source: &c.source,
+                seq: c.seq,
+                attempt: m.attempt,
+                target_ref: None,
+            },
+            Some(s) => OutgoingChange {
+                id: &c.id,
+                kind: &s.kind,
+                reference: &s.reference,
+                op: s.op,
+                data: s.data.as_deref(),
+                source: &c.source,
+                seq: c.seq,
+                attempt: m.attempt,
+                target_ref: s.target_ref.as_deref(),
+            },
+        })
+        .collect()
+}
+
 /// What push and pull delivery share for one target.
 pub struct Core {
     pub name: String,

@@ -1,1 +1,238 @@
-//! Pull delivery (inbox): see issue 7.
+//! Pull delivery: the inbox of a node that can't accept connections (API.md "Pulling").
+//!
+//! The node long-polls; lxbridge hands out one numbered message at a time, built from the
+//! target's queue through [`Core`] like a push batch. The changes stay unacked in RabbitMQ
+//! (held by this process up to the consumer's prefetch) until the node confirms the message;
+//! nothing is copied to memory beyond that or to Redis.
+//!
+//! Numbering, like an exchange plan's MessageNo/ReceivedNo:
+//! - numbers come from a counter in the store, so they only grow, across restarts too;
+//! - until it is confirmed, polling returns the same message: same number, same changes (a
+//!   second poller gets that same message, never another);
+//! - after the lease runs out, the unconfirmed message is offered again under a new number
+//!   (the same changes); confirming any number it was offered under confirms it;
+//! - confirming N confirms everything up to N: there is never more than one unconfirmed
+//!   message, so that is the outstanding one when N is at least its first number; a number
+//!   below that was confirmed before (or belonged to a process that was restarted: its changes
+//!   went back to the queue and come again in a new message) and confirms nothing;
+//! - the inbox lives in one lxbridge process: run a pull target's polling against one
+//!   instance (or sticky), since each instance keeps its own outstanding message.
+
+use super::{outgoing, parse_answer, Core, Prepared, Shaped};
+use crate::broker::{reject_unreadable, Incoming};
+use crate::model::StoredChange;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("message_no {given} was never sent to this node (the last is {last})")]
+    NeverSent { given: i64, last: i64 },
+    #[error("results: {0}")]
+    BadResults(String),
+}
+
+/// A pull target's inbox.
+pub struct Inbox {
+    core: Core,
+    batch_max: usize,
+    lease: Duration,
+    state: Mutex<State>,
+    /// Bumped whenever a change arrives from the queue.
+    arrived: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Taken from the queue, not yet in a message.
+    pending: VecDeque<(Incoming, StoredChange)>,
+    outstanding: Option<Outstanding>,
+}
+
+/// The one message handed out and not yet confirmed.
+struct Outstanding {
+    first_no: i64,
+    no: i64,
+    leased_until: Instant,
+    items: Vec<(Incoming, StoredChange, Option<Shaped>)>,
+}
+
+impl Outstanding {
+    fn body(&self) -> Value {
+        json!({ "message_no": self.no, "changes": outgoing(&self.items) })
+    }
+}
+
+impl Inbox {
+    pub fn new(core: Core, batch_max: usize, lease: Duration) -> Arc<Inbox> {
+        Arc::new(Inbox {
+            core,
+            batch_max,
+            lease,
+            state: Mutex::new(State::default()),
+            arrived: watch::channel(0).0,
+        })
+    }
+
+    /// Starts taking the target's queue into the inbox, until `cancel`.
+    pub fn start(self: &Arc<Self>, cancel: CancellationToken, tracker: &TaskTracker) {
+        let prefetch = (self.batch_max * 4).clamp(1, 10_000) as u16;
+        let mut incoming = self.core.broker.consume(&self.core.name, prefetch);
+        let inbox = self.clone();
+        tracker.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = incoming.recv() => match m { Some(m) => m, None => break },
+                };
+                let change: StoredChange = match serde_json::from_slice(&message.body) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let why = format!("message is not an lxbridge change: {e}");
+                        let (broker, name) = (inbox.core.broker.as_ref(), &inbox.core.name);
+                        reject_unreadable(broker, message, name, &why).await;
+                        continue;
+                    }
+                };
+                inbox
+                    .state
+                    .lock()
+                    .await
+                    .pending
+                    .push_back((message, change));
+                inbox.arrived.send_modify(|n| *n += 1);
+            }
+            debug!(target = %inbox.core.name, "inbox stopped taking changes");
+        });
+    }
+
+    /// `GET …/inbox?limit=&wait=`: the outstanding message, or a new one once changes are
+    /// there (waiting up to `wait`), or `{"message_no": null, "changes": []}`.
+    pub async fn poll(
+        &self,
+        limit: usize,
+        wait: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Value, InboxError> {
+        let limit = limit.clamp(1, self.batch_max);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut arrived = self.arrived.subscribe();
+        loop {
+            arrived.borrow_and_update();
+            {
+                let mut state = self.state.lock().await;
+                if let Some(o) = state.outstanding.as_mut() {
+                    if Instant::now() >= o.leased_until {
+                        // The lease ran out: offer the same changes again under a new number.
+                        o.no = self.next_no().await?;
+                        o.leased_until = Instant::now() + self.lease;
+                    }
+                    return Ok(o.body());
+                }
+                while !state.pending.is_empty() {
+                    let take = limit.min(state.pending.len());
+                    let batch: Vec<_> = state.pending.drain(..take).collect();
+                    let Some(Prepared {
+                        send,
+                        failed,
+                        records,
+                    }) = self.core.prepare(batch, cancel).await
+                    else {
+                        return Ok(empty());
+                    };
+                    // What was superseded, filtered or failed on the way is settled now.
+                    self.core
+                        .settle(Vec::new(), Ok(Default::default()), failed, records)
+                        .await;
+                    if send.is_empty() {
+                        continue;
+                    }
+                    let no = match self.next_no().await {
+                        Ok(no) => no,
+                        Err(e) => {
+                            // Back to the front, in order, for the next poll.
+                            for (message, change, _) in send.into_iter().rev() {
+                                state.pending.push_front((message, change));
+                            }
+                            return Err(e);
+                        }
+                    };
+                    self.core.metrics.inflight.add(send.len() as i64);
+                    let o = Outstanding {
+                        first_no: no,
+                        no,
+                        leased_until: Instant::now() + self.lease,
+                        items: send,
+                    };
+                    let body = o.body();
+                    state.outstanding = Some(o);
+                    return Ok(body);
+                }
+            }
+            tokio::select! {
+                _ = arrived.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(empty()),
+                _ = cancel.cancelled() => return Ok(empty()),
+            }
+        }
+    }
+
+    /// `POST …/inbox/ack`: confirms the outstanding message if `message_no` is one it was
+    /// offered under (or later than its first), settling each change by `results`. Returns
+    /// how many changes were confirmed.
+    pub async fn ack(&self, message_no: i64, results: Option<&Value>) -> Result<usize, InboxError> {
+        let answer = match results {
+            None => Default::default(),
+            Some(r) if r.is_array() => parse_answer(json!({ "results": r }).to_string().as_bytes()),
+            Some(_) => {
+                return Err(InboxError::BadResults(
+                    "expected an array of {id, status, error, retry}".into(),
+                ))
+            }
+        };
+        let mut state = self.state.lock().await;
+        let Some(o) = state.outstanding.as_ref() else {
+            return Ok(0);
+        };
+        if message_no > o.no {
+            return Err(InboxError::NeverSent {
+                given: message_no,
+                last: o.no,
+            });
+        }
+        if message_no < o.first_no {
+            return Ok(0);
+        }
+        let o = state.outstanding.take().expect("checked above");
+        drop(state);
+        let confirmed = o.items.len();
+        self.core.metrics.inflight.sub(confirmed as i64);
+        self.core
+            .settle(o.items, Ok(answer), Vec::new(), Vec::new())
+            .await;
+        Ok(confirmed)
+    }
+
+    async fn next_no(&self) -> Result<i64, InboxError> {
+        self.core
+            .store
+            .next_message_no(&self.core.name)
+            .await
+            .map_err(|e| {
+                warn!(target = %self.core.name, error = %e, "cannot number an inbox message");
+                InboxError::Unavailable(e.to_string())
+            })
+    }
+}
+
+fn empty() -> Value {
+    json!({ "message_no": null, "changes": [] })
+}

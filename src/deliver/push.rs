@@ -211,33 +211,7 @@ impl PushTarget {
         }
         let body = Body {
             node: &self.core.name,
-            changes: send
-                .iter()
-                .map(|(m, c, shaped)| match shaped {
-                    None => OutgoingChange {
-                        id: &c.id,
-                        kind: &c.kind,
-                        reference: &c.reference,
-                        op: c.op,
-                        data: c.data.as_deref(),
-                        source: &c.source,
-                        seq: c.seq,
-                        attempt: m.attempt,
-                        target_ref: None,
-                    },
-                    Some(s) => OutgoingChange {
-                        id: &c.id,
-                        kind: &s.kind,
-                        reference: &s.reference,
-                        op: s.op,
-                        data: s.data.as_deref(),
-                        source: &c.source,
-                        seq: c.seq,
-                        attempt: m.attempt,
-                        target_ref: s.target_ref.as_deref(),
-                    },
-                })
-                .collect(),
+            changes: super::outgoing(send),
         };
         let json = serde_json::to_vec(&body).expect("delivery body serialises");
         let mut request = self
