@@ -744,7 +744,7 @@ impl RabbitBroker {
     pub async fn close(&self) {
         let publisher = self.publisher.lock().expect("publisher lock").take();
         if let Some(p) = publisher {
-            let _ = p.channel.close(200, "bye".into()).await;
+            let _ = p.conn.close(200, "lxbridge shutting down".into()).await;
         }
     }
 }

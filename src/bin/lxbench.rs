@@ -64,6 +64,9 @@ struct Args {
     /// Percent of changes the sink fails once (per-change error, retried).
     #[arg(long, default_value_t = 0)]
     fail_pct: u64,
+    /// Measure how soon a long-polling pull node gets a change after it was posted.
+    #[arg(long)]
+    pull_latency: bool,
     /// Measure the transform cost per change instead (no broker needed).
     #[arg(long)]
     transform: bool,
@@ -183,6 +186,14 @@ fn process_usage(pid: u32) -> (f64, f64) {
 }
 
 fn bridge_config(prefix: &str, port: u16, sink: &str, args: &Args) -> String {
+    if args.pull_latency {
+        return format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n[store]\nredis_url = \"{}\"\n\
+             [[node]]\nname = \"central\"\ntoken = \"bench\"\n[[node]]\nname = \"sink0\"\ntoken = \"x\"\n\
+             deliver = {{ mode = \"pull\", batch_max = 100 }}\n[[route]]\nfrom = \"central\"\nto = [\"sink0\"]\n",
+            args.amqp, args.redis
+        );
+    }
     let mut toml = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -670,9 +681,87 @@ fn transform_bench(args: &Args) {
     }
 }
 
+/// A pull node long-polls its inbox (and confirms at once); changes are posted one at a time
+/// every 20 ms to an otherwise idle bridge. Latency = POST sent → the poll that carries it
+/// returned.
+async fn pull_latency(args: &Args) {
+    let bin = args.bridge_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe().expect("own path").with_file_name("lxbridge").display().to_string()
+    });
+    let prefix = format!("lxbench-{}-pull", std::process::id());
+    let bridge = Bridge::start(&bin, &prefix, "", args).await;
+    let client = reqwest::Client::new();
+    let n = args.n.min(2_000);
+    let epoch = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let got: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let poller = {
+        let (client, base, got) = (client.clone(), bridge.base.clone(), got.clone());
+        tokio::spawn(async move {
+            let mut received = 0;
+            while received < n {
+                let resp = client
+                    .get(format!("{base}/api/v1/nodes/sink0/inbox?limit=100&wait=25"))
+                    .bearer_auth("x")
+                    .send()
+                    .await
+                    .expect("inbox");
+                let at = epoch.elapsed().as_micros() as u64 + 1;
+                let msg: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+                let Some(no) = msg["message_no"].as_i64() else { continue };
+                for c in msg["changes"].as_array().unwrap() {
+                    let i: usize = c["id"].as_str().unwrap()[1..].parse().unwrap();
+                    if got[i].compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                        received += 1;
+                    }
+                }
+                client
+                    .post(format!("{base}/api/v1/nodes/sink0/inbox/ack"))
+                    .bearer_auth("x")
+                    .header("content-type", "application/json")
+                    .body(json!({"message_no": no}).to_string())
+                    .send()
+                    .await
+                    .expect("ack");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..n {
+        sent[i].store(epoch.elapsed().as_micros() as u64 + 1, Ordering::SeqCst);
+        let resp = client
+            .post(format!("{}/api/v1/nodes/central/changes", bridge.base))
+            .bearer_auth("bench")
+            .header("content-type", "application/json")
+            .body(change_json(i, args.size))
+            .send()
+            .await
+            .expect("ingress");
+        assert_eq!(resp.status().as_u16(), 202);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(60), poller).await;
+    let mut latencies: Vec<f64> = (0..n)
+        .filter(|&i| got[i].load(Ordering::SeqCst) > 0)
+        .map(|i| got[i].load(Ordering::SeqCst).saturating_sub(sent[i].load(Ordering::SeqCst)) as f64 / 1000.0)
+        .collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    bridge.stop();
+    cleanup(args, &prefix, 1).await;
+    println!(
+        "{}",
+        json!({"scenario": "pull-latency", "n": n, "received": latencies.len(),
+               "post_to_poll_return_ms": {"p50": round3(percentile(&latencies, 0.5)), "p99": round3(percentile(&latencies, 0.99)), "max": round3(latencies.last().copied().unwrap_or(0.0))}})
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.pull_latency {
+        pull_latency(&args).await;
+        return;
+    }
     if args.transform {
         transform_bench(&args);
         return;
