@@ -36,6 +36,17 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
     response
 }
 
+/// A 401 for a node endpoint, with the Basic challenge some 1C platform versions wait for
+/// before they send credentials.
+fn node_unauthorized(why: &str) -> Response {
+    let mut response = error_response(StatusCode::UNAUTHORIZED, why);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"lxbridge\", charset=\"UTF-8\""),
+    );
+    response
+}
+
 /// Compares secrets in time independent of where they differ.
 pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -237,7 +248,7 @@ async fn handle_changes(app: &AppState, node: &str, headers: &HeaderMap, body: B
         return error_response(StatusCode::NOT_FOUND, format!("unknown node {node:?}"));
     };
     if let Err(why) = authorised(headers, node, &node_config.token) {
-        return error_response(StatusCode::UNAUTHORIZED, why);
+        return node_unauthorized(why);
     }
     let kind = match body_kind(headers) {
         Ok(kind) => kind,
@@ -610,7 +621,7 @@ fn inbox_of<'a>(
         ));
     };
     if let Err(why) = authorised(headers, node, &node_config.token) {
-        return Err(error_response(StatusCode::UNAUTHORIZED, why));
+        return Err(node_unauthorized(why));
     }
     app.inboxes.get(node).ok_or_else(|| {
         error_response(

@@ -275,3 +275,107 @@ fn encode(s: &str) -> String {
         })
         .collect()
 }
+
+#[test]
+fn transform_prints_what_each_target_of_a_route_would_receive() {
+    let config = TempFile::new(
+        "transform",
+        r#"
+[[node]]
+name = "central"
+token = "t"
+[[node]]
+name = "site"
+token = "t"
+deliver = { mode = "push", url = "http://127.0.0.1:9/x", missing_refs = "wait" }
+[[node]]
+name = "erp"
+token = "t"
+deliver = { mode = "push", url = "http://127.0.0.1:9/y", format = "1c-xdto" }
+[[route]]
+name = "orders"
+from = "central"
+to = ["site", "erp"]
+[route.mapping.types."Document.ЗаказКлиента"]
+keep = ["Number", "Posted", "Контрагент"]
+fields = { "Number" = "number" }
+refs = { "Контрагент" = "Catalog.Контрагенты" }
+filter = [{ field = "Posted", eq = true }]
+"#,
+    );
+    let order = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/1c/document-order.json"
+    ))
+    .unwrap();
+    let run = |input: &str| {
+        let mut child = Command::new(BIN)
+            .args(["transform", "--route", "orders", "--config", config.path()])
+            .env_remove("LXBRIDGE_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&order);
+    assert!(out.status.success(), "{}", describe(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per target");
+    let site = &lines[0];
+    assert_eq!(site["target"], "site");
+    assert_eq!(site["outcome"], "deliver");
+    assert_eq!(
+        site["change"]["data"],
+        serde_json::json!({"number": "ЦБ-000315", "Posted": true, "Контрагент": "e2f3a4b5-8d4b-11ee-b9d1-0242ac120002"})
+    );
+    assert!(site["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["type"] == "Catalog.Контрагенты"));
+    assert!(
+        site.get("waits_for").is_some(),
+        "site waits for missing references"
+    );
+    let erp = &lines[1];
+    assert_eq!(
+        erp["change"]["data"]["#type"],
+        "jcfg:DocumentObject.ЗаказКлиента"
+    );
+    assert!(erp.get("waits_for").is_none());
+
+    // An unposted order is filtered, and the reason names the condition.
+    let unposted = order.replace("\"Posted\": true", "\"Posted\": false");
+    let out = run(&unposted);
+    let first: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(first["outcome"], "filtered");
+    assert!(
+        first["reason"].as_str().unwrap().contains("Posted"),
+        "{first}"
+    );
+
+    // Bad input and an unknown route are errors.
+    let out = run("{not json");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not JSON"));
+    let out = Command::new(BIN)
+        .args(["transform", "--route", "nope", "--config", config.path()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route named"));
+}

@@ -410,3 +410,53 @@ async fn per_change_error_retries_then_delivers_and_others_go_once() {
     assert_eq!(shop_state["attempts"], 3);
     bridge.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_and_status_keys_expire() {
+    let shop = Target::start().await;
+    let erp = Target::start().await;
+    let template = CONFIG
+        .replace("{shop}", &shop.url())
+        .replace("{erp}", &erp.url())
+        .replace(
+            "redis_url = \"{redis}\"\n",
+            "redis_url = \"{redis}\"\nhistory_max = 3\nretention = \"1h\"\n",
+        );
+    let bridge = Bridge::start("bounded", &template).await;
+    for v in 0..5 {
+        let change = json!({"type": "Document.Invoice", "ref": "inv-b", "data": {"v": v}});
+        assert_eq!(
+            bridge
+                .post_json("central", "central-secret", &change)
+                .await
+                .0,
+            202
+        );
+        let want = v + 1;
+        eventually(WAIT, "update delivered", || erp.count() == want).await;
+    }
+    let (_, object) = bridge.admin_get("/api/v1/objects/inv-b").await;
+    let history = object["history"].as_array().unwrap();
+    assert_eq!(
+        history.len(),
+        3,
+        "history_max = 3 keeps the last 3 events: {object}"
+    );
+    assert_eq!(history[2]["event"], "delivered");
+    let mut redis = redis_conn().await;
+    for key in [
+        format!("{}:h:{{inv-b}}", bridge.prefix),
+        format!("{}:o:{{inv-b}}", bridge.prefix),
+    ] {
+        let ttl: i64 = deadpool_redis::redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 3500 && ttl <= 3600,
+            "{key} expires within the 1h retention: ttl {ttl}"
+        );
+    }
+    bridge.finish().await;
+}

@@ -192,6 +192,11 @@ async fn node_receives_everything_through_inbox_and_ack_with_lease_and_numbering
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .expect("a Basic challenge for 1C");
+    assert!(challenge.to_str().unwrap().starts_with("Basic "));
     let resp = node
         .http
         .get(format!(

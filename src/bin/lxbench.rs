@@ -686,7 +686,11 @@ fn transform_bench(args: &Args) {
 /// returned.
 async fn pull_latency(args: &Args) {
     let bin = args.bridge_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe().expect("own path").with_file_name("lxbridge").display().to_string()
+        std::env::current_exe()
+            .expect("own path")
+            .with_file_name("lxbridge")
+            .display()
+            .to_string()
     });
     let prefix = format!("lxbench-{}-pull", std::process::id());
     let bridge = Bridge::start(&bin, &prefix, "", args).await;
@@ -708,10 +712,15 @@ async fn pull_latency(args: &Args) {
                     .expect("inbox");
                 let at = epoch.elapsed().as_micros() as u64 + 1;
                 let msg: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
-                let Some(no) = msg["message_no"].as_i64() else { continue };
+                let Some(no) = msg["message_no"].as_i64() else {
+                    continue;
+                };
                 for c in msg["changes"].as_array().unwrap() {
                     let i: usize = c["id"].as_str().unwrap()[1..].parse().unwrap();
-                    if got[i].compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                    if got[i]
+                        .compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
                         received += 1;
                     }
                 }
@@ -743,7 +752,12 @@ async fn pull_latency(args: &Args) {
     let _ = tokio::time::timeout(Duration::from_secs(60), poller).await;
     let mut latencies: Vec<f64> = (0..n)
         .filter(|&i| got[i].load(Ordering::SeqCst) > 0)
-        .map(|i| got[i].load(Ordering::SeqCst).saturating_sub(sent[i].load(Ordering::SeqCst)) as f64 / 1000.0)
+        .map(|i| {
+            got[i]
+                .load(Ordering::SeqCst)
+                .saturating_sub(sent[i].load(Ordering::SeqCst)) as f64
+                / 1000.0
+        })
         .collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     bridge.stop();
