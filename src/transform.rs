@@ -85,6 +85,11 @@ pub struct TypeRules {
     /// Deliver only upserts whose data matches every condition (deletions always pass).
     #[serde(default)]
     pub filter: Vec<Condition>,
+    /// A top-level field whose value identifies the object in every base (`ИНН`, `Code`):
+    /// with the target's `remap = true`, an object whose ref the target doesn't know yet
+    /// takes the target ref learned for another object with the same key value (the key
+    /// match rule), and references to it are rewritten from then on.
+    pub key: Option<String>,
 }
 
 /// A condition on a path of the change's data; exactly one of `eq`, `ne`, `in`, `exists`.
@@ -286,6 +291,19 @@ impl Compiled {
             Some(script) => script.run(change),
             None => Outcome::Deliver(change),
         }
+    }
+
+    /// The key match value of a change (`"ИНН=7701234567"`), when its type's rules name a
+    /// `key` and its data holds a plain value there.
+    pub fn key_of(&self, change: &Change) -> Option<String> {
+        let field = self.key_field(&change.kind)?;
+        let value = change.data.as_ref()?.get(field)?;
+        value_text(value).map(|text| format!("{field}={text}"))
+    }
+
+    /// The key match field of a type, if its rules name one.
+    pub fn key_field(&self, kind: &str) -> Option<&str> {
+        self.rules_for(kind)?.key.as_deref()
     }
 
     fn rules_for(&self, kind: &str) -> Option<&Rules> {
@@ -704,6 +722,8 @@ struct Rules {
     keep: Option<HashSet<String>>,
     /// Deepest first; the new last name.
     fields: Vec<(FieldPath, String)>,
+    /// The key match field (a top-level name).
+    key: Option<String>,
 }
 
 impl Rules {
@@ -783,6 +803,16 @@ impl Rules {
                 out.defaults.push((path, value.clone()));
             }
         }
+        if let Some(key) = &rules.key {
+            if key.is_empty() || key.contains('.') || key.contains('[') {
+                problems.push(format!(
+                    "{}: {key:?} must be one top-level field name, like \"ИНН\"",
+                    at("key")
+                ));
+            } else {
+                out.key = Some(key.clone());
+            }
+        }
         for (path, value) in &rules.set {
             if let Some(path) = parse_path(&at("set"), path, true, problems) {
                 out.set.push((path, value.clone()));
@@ -839,6 +869,7 @@ impl Rules {
             drop,
             keep,
             fields,
+            key: _,
         } = self;
         rename.is_none()
             && !skip
@@ -1257,6 +1288,41 @@ fn change_from_map(old: Change, mut map: rhai::Map) -> Result<Change, String> {
         source,
         seq,
     })
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_of_names_the_field_and_value() {
+        let mapping: Mapping = toml::from_str(
+            "[types.\"Catalog.Контрагенты\"]\nkey = \"ИНН\"\n[types.\"Catalog.Bad\"]\nkey = \"a.b\"\n",
+        )
+        .unwrap();
+        let problems = Compiled::new(&mapping, Path::new(".")).err().unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("key"), "{problems:?}");
+        let ok: Mapping =
+            toml::from_str("[types.\"Catalog.Контрагенты\"]\nkey = \"ИНН\"\n").unwrap();
+        let compiled = Compiled::new(&ok, Path::new(".")).unwrap();
+        assert!(compiled.is_identity(), "a key alone reshapes nothing");
+        let change = Change {
+            id: "1".into(),
+            kind: "Catalog.Контрагенты".into(),
+            reference: "r".into(),
+            op: Op::Upsert,
+            data: Some(serde_json::json!({"ИНН": "7701234567"})),
+            source: "a".into(),
+            seq: 1,
+        };
+        assert_eq!(compiled.key_of(&change).as_deref(), Some("ИНН=7701234567"));
+        let other = Change {
+            kind: "Catalog.X".into(),
+            ..change
+        };
+        assert_eq!(compiled.key_of(&other), None);
+    }
 }
 
 #[cfg(test)]

@@ -469,3 +469,63 @@ async fn target_ref_from_the_answer_rewrites_later_references() {
     assert_eq!(s, 404);
     bridge.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_match_rule_maps_an_object_known_under_another_ref() {
+    let erp = Target::start().await;
+    // The target knows the counterparty with ИНН 7701234567 as ERP-1 (it answers so once).
+    erp.set_target_ref(|c| {
+        (c["ref"] == "e2f3a4b5-8d4b-11ee-b9d1-0242ac120002").then(|| "ERP-1".to_string())
+    });
+    let config = wait_config(&erp.url(), "ignore", r#"delays = ["100ms"]"#).replace(
+        r#"[route.mapping.types."Document.ЗаказКлиента"]"#,
+        "[route.mapping.types.\"Catalog.Контрагенты\"]\nkey = \"ИНН\"\n[route.mapping.types.\"Document.ЗаказКлиента\"]",
+    );
+    let bridge = Bridge::start("keymatch", &config).await;
+    assert_eq!(
+        bridge
+            .post_json(
+                "central",
+                "central-secret",
+                &fixture("catalog-counterparty.json")
+            )
+            .await
+            .0,
+        202
+    );
+    eventually(WAIT, "first counterparty delivered", || erp.count() == 1).await;
+    // The same company under another ref (as a second base would have it).
+    let mut twin = fixture("catalog-counterparty.json");
+    twin["#value"]["Ref"] = json!("77777777-8d4b-11ee-b9d1-0242ac120002");
+    assert_eq!(
+        bridge.post_json("central", "central-secret", &twin).await.0,
+        202
+    );
+    eventually(WAIT, "twin delivered", || erp.count() == 2).await;
+    assert_eq!(
+        erp.received()[1].change["target_ref"],
+        "ERP-1",
+        "matched by ИНН"
+    );
+    let (s, body) = admin(
+        &bridge,
+        reqwest::Method::GET,
+        "/api/v1/remap/erp?type=Catalog.Контрагенты&source=77777777-8d4b-11ee-b9d1-0242ac120002",
+        None,
+    )
+    .await;
+    assert_eq!((s, body), (200, json!({"target": "ERP-1"})));
+    // References to the twin are rewritten too.
+    let mut order = order_referring_to_counterparty();
+    order["#value"]["Контрагент"] = json!("77777777-8d4b-11ee-b9d1-0242ac120002");
+    assert_eq!(
+        bridge
+            .post_json("central", "central-secret", &order)
+            .await
+            .0,
+        202
+    );
+    eventually(WAIT, "order delivered", || erp.count() == 3).await;
+    assert_eq!(erp.received()[2].change["data"]["Контрагент"], "ERP-1");
+    bridge.finish().await;
+}

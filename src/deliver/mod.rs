@@ -235,6 +235,9 @@ impl Core {
                             change.reference.clone(),
                             target_ref.clone(),
                         ));
+                        if let Some(key) = self.key_pair(&change) {
+                            learned.push((change.kind.clone(), key, target_ref.clone()));
+                        }
                     }
                     delivered.push((message, change));
                 }
@@ -349,6 +352,23 @@ impl Core {
         }
         self.write_records(records).await;
     }
+    /// The key match pair (`key:ИНН=…`) of a delivered change, if its type names a key.
+    fn key_pair(&self, change: &StoredChange) -> Option<String> {
+        let mapping = self.mapping_for(&change.source, &change.kind);
+        mapping.key_field(&change.kind)?; // parse the data only for types with a key
+        let data: Value = serde_json::from_str(change.data.as_deref()?.get()).ok()?;
+        let probe = transform::Change {
+            id: String::new(),
+            kind: change.kind.clone(),
+            reference: change.reference.clone(),
+            op: change.op,
+            data: Some(data),
+            source: change.source.clone(),
+            seq: change.seq,
+        };
+        mapping.key_of(&probe).map(|k| format!("key:{k}"))
+    }
+
     /// The mapping of the route that brings `kind` from `source` to this target.
     fn mapping_for(&self, source: &str, kind: &str) -> Arc<Compiled> {
         self.shaping
@@ -416,12 +436,18 @@ impl Core {
             } else {
                 Vec::new()
             };
+            let key = if self.shaping.remap {
+                mapping.key_of(&change).map(|k| format!("key:{k}"))
+            } else {
+                None
+            };
             items.push(ShapeItem {
                 message,
                 stored,
                 change,
                 mapping,
                 refs,
+                key,
             });
         }
 
@@ -512,7 +538,7 @@ impl Core {
             items = kept;
         }
 
-        let remap: Remap = if self.shaping.remap {
+        let mut remap: Remap = if self.shaping.remap {
             let pairs: Vec<(String, String)> = items
                 .iter()
                 .flat_map(|i| {
@@ -523,6 +549,7 @@ impl Core {
                             i.stored.kind.clone(),
                             i.stored.reference.clone(),
                         )))
+                        .chain(i.key.iter().map(|k| (i.stored.kind.clone(), k.clone())))
                 })
                 .collect::<HashSet<_>>()
                 .into_iter()
@@ -551,6 +578,29 @@ impl Core {
         } else {
             Remap::new()
         };
+        // The key match rule: an object the target doesn't know by ref, but whose key value
+        // it knows from another object, takes that target ref (remembered from now on).
+        let mut matched: Vec<(String, String, String)> = Vec::new();
+        for item in &items {
+            let own = (item.stored.kind.clone(), item.stored.reference.clone());
+            let Some(key) = &item.key else { continue };
+            if remap.contains_key(&own) {
+                continue;
+            }
+            if let Some(target_ref) = remap.get(&(own.0.clone(), key.clone())).cloned() {
+                matched.push((own.0.clone(), own.1.clone(), target_ref.clone()));
+                remap.insert(own, target_ref);
+            }
+        }
+        if !matched.is_empty() {
+            let triples: Vec<(&str, &str, &str)> = matched
+                .iter()
+                .map(|(k, s, t)| (k.as_str(), s.as_str(), t.as_str()))
+                .collect();
+            if let Err(e) = self.store.remap_put(&self.name, &triples).await {
+                warn!(target = %self.name, error = %e, "could not store key-matched target refs");
+            }
+        }
 
         let mut out = Vec::with_capacity(items.len());
         for item in items {
@@ -693,6 +743,8 @@ pub(crate) struct ShapeItem {
     change: transform::Change,
     mapping: Arc<Compiled>,
     refs: Vec<transform::Reference>,
+    /// The key match pair (`key:ИНН=…`) when remapping and the type names a key.
+    key: Option<String>,
 }
 
 /// A change that failed, at the target or before sending.
