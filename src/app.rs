@@ -232,7 +232,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         {
             warn!(grace_secs = grace.as_secs(), "deliveries did not finish within the grace period; unacked changes return to their queues");
         }
-        rabbit.close().await;
+        // The broker's supervisors close their connections (unacked messages go back).
         broker_stop.cancel();
         broker_tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), broker_tasks.wait()).await;

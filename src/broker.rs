@@ -740,13 +740,6 @@ impl RabbitBroker {
             .map_err(|e| BrokerError::Topology(format!("queue {queue}: {e}")))?;
         Ok(q.message_count())
     }
-
-    pub async fn close(&self) {
-        let publisher = self.publisher.lock().expect("publisher lock").take();
-        if let Some(p) = publisher {
-            let _ = p.conn.close(200, "lxbridge shutting down".into()).await;
-        }
-    }
 }
 
 impl Broker for RabbitBroker {

@@ -209,7 +209,11 @@ fn admin_call(args: ConfigArg, build: impl FnOnce(Config) -> Call) -> anyhow::Re
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+        // lapin::channels logs an ERROR for every connection closed at shutdown; connection
+        // failures that matter are logged by lxbridge::broker itself.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,lapin=warn,lapin::channels=off")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
