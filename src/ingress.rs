@@ -243,12 +243,20 @@ pub async fn post_changes(
     response
 }
 
-async fn handle_changes(app: &AppState, node: &str, headers: &HeaderMap, body: Body) -> Response {
+/// The node, checked before its credentials (404 then 401, as API.md orders them).
+fn authenticated_node(app: &AppState, node: &str, headers: &HeaderMap) -> Result<(), Response> {
     let Some(node_config) = app.config.node(node) else {
-        return error_response(StatusCode::NOT_FOUND, format!("unknown node {node:?}"));
+        return Err(error_response(
+            StatusCode::NOT_FOUND,
+            format!("unknown node {node:?}"),
+        ));
     };
-    if let Err(why) = authorised(headers, node, &node_config.token) {
-        return node_unauthorized(why);
+    authorised(headers, node, &node_config.token).map_err(node_unauthorized)
+}
+
+async fn handle_changes(app: &AppState, node: &str, headers: &HeaderMap, body: Body) -> Response {
+    if let Err(response) = authenticated_node(app, node, headers) {
+        return response;
     }
     let kind = match body_kind(headers) {
         Ok(kind) => kind,

@@ -204,8 +204,8 @@ fn xdto_kind(prefix: &str) -> Option<(&'static str, bool)> {
     })
 }
 
-/// Maps a reference type prefix (`CatalogRef`) to its kind (`Catalog`).
-fn xdto_ref_kind(prefix: &str) -> Option<&'static str> {
+/// Maps a reference type prefix (`CatalogRef`) to its kind (`Catalog`); `EnumRef` → `Enum`.
+pub(crate) fn xdto_ref_kind(prefix: &str) -> Option<&'static str> {
     Some(match prefix {
         "CatalogRef" => "Catalog",
         "DocumentRef" => "Document",
@@ -215,6 +215,7 @@ fn xdto_ref_kind(prefix: &str) -> Option<&'static str> {
         "ExchangePlanRef" => "ExchangePlan",
         "BusinessProcessRef" => "BusinessProcess",
         "TaskRef" => "Task",
+        "EnumRef" => "Enum",
         _ => return None,
     })
 }

@@ -432,22 +432,6 @@ fn xdto_names(kind: &str) -> Option<XdtoNames> {
     Some(XdtoNames { object, reference })
 }
 
-/// Maps a typed reference's prefix (`CatalogRef`) to its kind (`Catalog`).
-fn ref_kind(prefix: &str) -> Option<&'static str> {
-    Some(match prefix {
-        "CatalogRef" => "Catalog",
-        "DocumentRef" => "Document",
-        "ChartOfCharacteristicTypesRef" => "ChartOfCharacteristicTypes",
-        "ChartOfAccountsRef" => "ChartOfAccounts",
-        "ChartOfCalculationTypesRef" => "ChartOfCalculationTypes",
-        "ExchangePlanRef" => "ExchangePlan",
-        "BusinessProcessRef" => "BusinessProcess",
-        "TaskRef" => "Task",
-        "EnumRef" => "Enum",
-        _ => return None,
-    })
-}
-
 /// A 1C XDTO typed reference found in data: `{"#type": "jcfg:CatalogRef.X", "#value": guid}`.
 struct TypedRef<'a> {
     kind: &'static str,
@@ -470,7 +454,7 @@ fn typed_ref(obj: &Map<String, Value>) -> Option<TypedRef<'_>> {
     let xdto_type = obj.get("#type")?.as_str()?;
     let guid = obj.get("#value")?.as_str()?;
     let (prefix, name) = xdto_type.strip_prefix("jcfg:")?.split_once('.')?;
-    let kind = ref_kind(prefix)?;
+    let kind = crate::model::xdto_ref_kind(prefix)?;
     if kind == "Enum" || name.is_empty() {
         return None;
     }

@@ -40,29 +40,6 @@ to = ["shop"]
     )
 }
 
-async fn admin(
-    bridge: &Bridge,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = bridge
-        .http
-        .request(method, bridge.url(path))
-        .bearer_auth("admin-secret");
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")),
-    )
-}
 
 fn change(id: &str, reference: &str) -> Value {
     json!({"id": id, "type": "Catalog.X", "ref": reference, "data": {"id": id}})

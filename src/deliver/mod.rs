@@ -15,7 +15,7 @@
 //! Invariant: a message is acked only after the target answered for it, or after its move
 //! to a retry step or the DLQ was confirmed by the broker.
 
-use crate::broker::{Broker, Failure, Incoming};
+use crate::broker::{reject_unreadable, Broker, Failure, Incoming};
 use crate::config::{Format, MissingRefs};
 use crate::metrics::TargetMetrics;
 use crate::model::{Op, OutgoingChange, StoredChange};
@@ -352,6 +352,20 @@ impl Core {
         }
         self.write_records(records).await;
     }
+    /// Reads a consumed message as a change; one that is not (it can never be delivered) is
+    /// dead-lettered with the reason at once.
+    pub(crate) async fn read(&self, message: Incoming) -> Option<(Incoming, StoredChange)> {
+        match serde_json::from_slice(&message.body) {
+            Ok(change) => Some((message, change)),
+            Err(e) => {
+                let why = format!("message is not an lxbridge change: {e}");
+                warn!(target = %self.name, error = %why, "dead-lettering unreadable message");
+                reject_unreadable(self.broker.as_ref(), message, &self.name, &why).await;
+                None
+            }
+        }
+    }
+
     /// The key match pair (`key:ИНН=…`) of a delivered change, if its type names a key.
     fn key_pair(&self, change: &StoredChange) -> Option<String> {
         let mapping = self.mapping_for(&change.source, &change.kind);

@@ -19,7 +19,7 @@
 //!   instance (or sticky), since each instance keeps its own outstanding message.
 
 use super::{outgoing, parse_answer, Core, Prepared, Shaped};
-use crate::broker::{reject_unreadable, Incoming};
+use crate::broker::Incoming;
 use crate::model::StoredChange;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -93,21 +93,10 @@ impl Inbox {
                     _ = cancel.cancelled() => break,
                     m = incoming.recv() => match m { Some(m) => m, None => break },
                 };
-                let change: StoredChange = match serde_json::from_slice(&message.body) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let why = format!("message is not an lxbridge change: {e}");
-                        let (broker, name) = (inbox.core.broker.as_ref(), &inbox.core.name);
-                        reject_unreadable(broker, message, name, &why).await;
-                        continue;
-                    }
+                let Some(item) = inbox.core.read(message).await else {
+                    continue;
                 };
-                inbox
-                    .state
-                    .lock()
-                    .await
-                    .pending
-                    .push_back((message, change));
+                inbox.state.lock().await.pending.push_back(item);
                 inbox.arrived.send_modify(|n| *n += 1);
             }
             debug!(target = %inbox.core.name, "inbox stopped taking changes");

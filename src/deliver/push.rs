@@ -3,7 +3,7 @@
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
 use super::{Answer, Core, DeliverError, Prepared, Shaped, Shaping};
-use crate::broker::{reject_unreadable, Broker, Incoming};
+use crate::broker::{Broker, Incoming};
 use crate::config::{Auth, DeliverConfig};
 use crate::metrics::TargetMetrics;
 use crate::model::{OutgoingChange, StoredChange};
@@ -90,14 +90,8 @@ impl PushTarget {
                     _ = cancel.cancelled() => break,
                     m = incoming.recv() => match m { Some(m) => m, None => break },
                 };
-                let change: StoredChange = match serde_json::from_slice(&message.body) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let why = format!("message is not an lxbridge change: {e}");
-                        warn!(target = %t.core.name, error = %why, "dead-lettering unreadable message");
-                        reject_unreadable(t.core.broker.as_ref(), message, &t.core.name, &why).await;
-                        continue;
-                    }
+                let Some((message, change)) = t.core.read(message).await else {
+                    continue;
                 };
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 change.reference.hash(&mut h);
