@@ -40,7 +40,6 @@ to = ["shop"]
     )
 }
 
-
 fn change(id: &str, reference: &str) -> Value {
     json!({"id": id, "type": "Catalog.X", "ref": reference, "data": {"id": id}})
 }

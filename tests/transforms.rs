@@ -31,7 +31,6 @@ name = "central"
 token = "central-secret"
 "#;
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_targets_receive_exactly_their_shapes() {
     let site = Target::start().await;

@@ -344,13 +344,24 @@ impl Bridge {
         )
         .await
     }
+}
 
 /// Calls the admin API with the config's admin token; the answer as JSON (Null if none).
-pub async fn admin(bridge: &Bridge, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+pub async fn admin(
+    bridge: &Bridge,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let token = bridge.config.admin.token.clone().unwrap_or_default();
-    let mut req = bridge.http.request(method, bridge.url(path)).bearer_auth(token);
+    let mut req = bridge
+        .http
+        .request(method, bridge.url(path))
+        .bearer_auth(token);
     if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b.to_string());
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
     }
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
