@@ -117,7 +117,7 @@ impl Metrics {
             deliveries: counter_vec(
                 &r,
                 "lx_deliveries_total",
-                "Change deliveries per target by result (ok, retry, dead, superseded)",
+                "Change deliveries per target by result (ok, retry, dead, superseded, filtered)",
                 &["target", "result"],
             ),
             delivery_duration: histogram_vec(

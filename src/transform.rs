@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A route's mapping, as written in `[route.mapping]` or in the file `mapping = "..."` names.
+/// A route's mapping, as written in `[route.mapping]` or in the file `mapping_file = "..."` names.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {

@@ -508,3 +508,53 @@ async fn key_match_rule_maps_an_object_known_under_another_ref() {
     assert_eq!(erp.received()[2].change["data"]["Контрагент"], "ERP-1");
     bridge.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_only_references_to_types_routed_to_the_target() {
+    let erp = Target::start().await;
+    // Proposals (Основание) are not routed to erp: the order must not wait for one.
+    let config = wait_config(
+        &erp.url(),
+        "wait",
+        r#"delays = ["200ms", "200ms", "200ms", "200ms"]"#,
+    )
+    .replace(
+        "to = [\"erp\"]\n",
+        "to = [\"erp\"]\ntypes = [\"Catalog.*\", \"Document.ЗаказКлиента\"]\n",
+    );
+    let bridge = Bridge::start("waitrouted", &config).await;
+    let mut order = fixture("document-order.json");
+    order["#value"].as_object_mut().unwrap().remove("Товары");
+    assert!(order["#value"]["Основание"]["#type"]
+        .as_str()
+        .unwrap()
+        .contains("DocumentRef"));
+    assert_eq!(
+        bridge
+            .post_json("central", "central-secret", &order)
+            .await
+            .0,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(erp.count(), 0, "waits for the counterparty");
+    assert_eq!(
+        bridge
+            .post_json(
+                "central",
+                "central-secret",
+                &fixture("catalog-counterparty.json")
+            )
+            .await
+            .0,
+        202
+    );
+    eventually(
+        WAIT,
+        "counterparty, then the order despite its unrouted Основание",
+        || erp.count() == 2,
+    )
+    .await;
+    assert_eq!(erp.received()[1].change["type"], "Document.ЗаказКлиента");
+    bridge.finish().await;
+}

@@ -383,17 +383,24 @@ impl Core {
         mapping.key_of(&probe).map(|k| format!("key:{k}"))
     }
 
+    /// The route that brings `kind` from `source` to this target.
+    fn route_for(&self, source: &str, kind: &str) -> Option<&RouteShape> {
+        self.shaping.routes.iter().find(|r| {
+            r.source == source
+                && r.patterns
+                    .iter()
+                    .any(|p| crate::route::topic_matches(p, kind))
+        })
+    }
+
+    /// True when a route brings `kind` from `source` to this target.
+    fn routed(&self, source: &str, kind: &str) -> bool {
+        self.route_for(source, kind).is_some()
+    }
+
     /// The mapping of the route that brings `kind` from `source` to this target.
     fn mapping_for(&self, source: &str, kind: &str) -> Arc<Compiled> {
-        self.shaping
-            .routes
-            .iter()
-            .find(|r| {
-                r.source == source
-                    && r.patterns
-                        .iter()
-                        .any(|p| crate::route::topic_matches(p, kind))
-            })
+        self.route_for(source, kind)
             .map(|r| r.mapping.clone())
             .unwrap_or_else(|| self.shaping.identity.clone())
     }
@@ -479,7 +486,15 @@ impl Core {
             !referenced.contains(&(i.stored.kind.clone(), i.stored.reference.clone()))
         });
 
+        // With `missing_refs = "wait"`: which references the target already has. Only
+        // references to types routed from the same source to this target count (anything
+        // else would never arrive and wait forever).
+        let mut present: Option<HashSet<(String, String, String)>> = None;
         if wait {
+            for item in &mut items {
+                let source = item.stored.source.clone();
+                item.refs.retain(|r| self.routed(&source, &r.kind));
+            }
             let keys: Vec<(String, String, String)> = items
                 .iter()
                 .flat_map(|i| {
@@ -510,46 +525,13 @@ impl Core {
                     }
                 }
             };
-            let mut present: HashSet<(String, String, String)> = keys
-                .iter()
-                .zip(marks)
-                .filter(|(_, m)| m.is_some())
-                .map(|(k, _)| k.clone())
-                .collect();
-            let mut kept = Vec::with_capacity(items.len());
-            for item in items {
-                let missing: Vec<String> = item
-                    .refs
-                    .iter()
-                    .filter(|r| {
-                        !present.contains(&(
-                            item.stored.source.clone(),
-                            r.kind.clone(),
-                            r.reference.clone(),
-                        ))
-                    })
-                    .map(|r| format!("{} {}", r.kind, r.reference))
-                    .collect();
-                if missing.is_empty() {
-                    present.insert((
-                        item.stored.source.clone(),
-                        item.stored.kind.clone(),
-                        item.stored.reference.clone(),
-                    ));
-                    kept.push(item);
-                } else {
-                    let error = format!("missing reference {}", missing.join(", "));
-                    failed.push(FailedChange {
-                        message: item.message,
-                        change: item.stored,
-                        error,
-                        dead: false,
-                        alone: false,
-                        event: "waiting",
-                    });
-                }
-            }
-            items = kept;
+            present = Some(
+                keys.iter()
+                    .zip(marks)
+                    .filter(|(_, m)| m.is_some())
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+            );
         }
 
         let mut remap: Remap = if self.shaping.remap {
@@ -623,6 +605,39 @@ impl Core {
                 .cloned();
             match item.mapping.apply(item.change, &remap) {
                 Outcome::Deliver(c) => {
+                    // A change to deliver waits for references the target doesn't have yet
+                    // (delivered before, or earlier in this batch).
+                    if let Some(present) = present.as_mut() {
+                        let source = &item.stored.source;
+                        let missing: Vec<String> = item
+                            .refs
+                            .iter()
+                            .filter(|r| {
+                                !present.contains(&(
+                                    source.clone(),
+                                    r.kind.clone(),
+                                    r.reference.clone(),
+                                ))
+                            })
+                            .map(|r| format!("{} {}", r.kind, r.reference))
+                            .collect();
+                        if !missing.is_empty() {
+                            failed.push(FailedChange {
+                                message: item.message,
+                                change: item.stored,
+                                error: format!("missing reference {}", missing.join(", ")),
+                                dead: false,
+                                alone: false,
+                                event: "waiting",
+                            });
+                            continue;
+                        }
+                        present.insert((
+                            source.clone(),
+                            item.stored.kind.clone(),
+                            item.stored.reference.clone(),
+                        ));
+                    }
                     let data = match self.shaping.format {
                         Format::Lxbridge => c.data.clone(),
                         Format::Xdto => Some(transform::to_xdto(&c)),
