@@ -97,7 +97,31 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "this endpoint does not take that method",
             )
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every 4xx/5xx answer has a JSON `{"error"}` body (API.md): axum's own rejections (a path
+/// segment that is not UTF-8, a malformed query) come as plain text and are wrapped here.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ingress::error_response(status, text)
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {

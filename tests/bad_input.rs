@@ -522,3 +522,23 @@ async fn answer_422_also_has_a_top_level_error() {
     assert_nothing_delivered(&shop).await;
     bridge.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_json_even_from_the_framework() {
+    let (bridge, _shop) = setup("jsonerrors").await;
+    let cases = [
+        (reqwest::Method::GET, "/api/v1/objects/%FF", 400),
+        (reqwest::Method::GET, "/api/v1/dlq/shop?limit=abc", 400),
+        (reqwest::Method::GET, "/api/v1/nodes/central/changes", 405),
+        (reqwest::Method::GET, "/no/such/thing", 404),
+    ];
+    for (method, path, want) in cases {
+        let (status, body) = admin(&bridge, method, path, None).await;
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{path}: {body}"
+        );
+    }
+    bridge.finish().await;
+}
