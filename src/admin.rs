@@ -390,6 +390,15 @@ pub mod preview {
             serde_json::from_str(input).map_err(|e| format!("the input is not JSON: {e}"))?;
         let parsed = crate::model::parse_change(value)
             .map_err(|e| format!("the input is not a change: {e}"))?;
+        if !route
+            .types
+            .iter()
+            .any(|p| crate::route::topic_matches(&crate::route::topic_pattern(p), &parsed.kind))
+        {
+            return Ok(vec![json!({"outcome": "not routed", "reason": format!(
+                "route {route_name:?} does not take type {:?} (types: {})", parsed.kind, route.types.join(", "))})
+            .to_string()]);
+        }
         let mapping = config.compiled_mapping(route).map_err(|p| p.join("; "))?;
         let change = transform::Change {
             id: parsed.id.clone().unwrap_or_else(|| "preview".into()),

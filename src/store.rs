@@ -13,8 +13,9 @@
 //! - `inbox:<target>`  a pull target's last message number
 //! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
 //!
-//! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, so the one Lua
-//! script that records an event, its statuses and its delivery mark stays atomic.
+//! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, a first step to
+//! Cluster; today one script call records up to 200 objects at once, so a single Redis (or
+//! Sentinel) is what this store supports.
 
 use deadpool_redis::redis;
 use futures_util::future::BoxFuture;

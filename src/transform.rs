@@ -3,7 +3,8 @@
 //! Rhai script hook, reference analysis (1C XDTO typed references and declared reference
 //! fields), GUID remapping through a given table, and the 1C XDTO output form.
 //!
-//! No I/O: the remap table and anything else from the store are passed in.
+//! No I/O once compiled: the remap table and anything else from the store are passed in;
+//! only [`Compiled::new`] reads a `script_file`.
 //!
 //! Paths: dot-separated field names, `[]` after a name walks every element of an array:
 //! `Товары[].Номенклатура` is the `Номенклатура` of every row of `Товары`. A path that does

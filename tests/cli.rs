@@ -296,6 +296,7 @@ deliver = { mode = "push", url = "http://127.0.0.1:9/y", format = "1c-xdto" }
 name = "orders"
 from = "central"
 to = ["site", "erp"]
+types = ["Document.*"]
 [route.mapping.types."Document.ЗаказКлиента"]
 keep = ["Number", "Posted", "Контрагент"]
 fields = { "Number" = "number" }
@@ -366,6 +367,17 @@ filter = [{ field = "Posted", eq = true }]
         first["reason"].as_str().unwrap().contains("Posted"),
         "{first}"
     );
+
+    // A type the route doesn't take.
+    let catalog = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/1c/catalog-counterparty.json"
+    ))
+    .unwrap();
+    let out = run(&catalog);
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(line["outcome"], "not routed", "{line}");
 
     // Bad input and an unknown route are errors.
     let out = run("{not json");
