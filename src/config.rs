@@ -489,9 +489,9 @@ impl Config {
                 self.server.log_format
             ));
         }
-        if !self.broker.url.starts_with("amqp://") && !self.broker.url.starts_with("amqps://") {
+        if !self.broker.url.starts_with("amqp://") {
             problems.push(format!(
-                "broker.url {:?} must start with amqp:// or amqps://",
+                "broker.url {:?} must start with amqp:// (this build has no TLS to RabbitMQ: amqps:// is not supported)",
                 self.broker.url
             ));
         }
@@ -506,11 +506,9 @@ impl Config {
                 "broker.prefix {prefix:?} must be 1-64 characters of a-z, A-Z, 0-9, _, - or ."
             ));
         }
-        if !self.store.redis_url.starts_with("redis://")
-            && !self.store.redis_url.starts_with("rediss://")
-        {
+        if !self.store.redis_url.starts_with("redis://") {
             problems.push(format!(
-                "store.redis_url {:?} must start with redis:// or rediss://",
+                "store.redis_url {:?} must start with redis:// (this build has no TLS to Redis: rediss:// is not supported)",
                 self.store.redis_url
             ));
         }

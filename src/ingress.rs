@@ -8,7 +8,7 @@
 
 use crate::broker::{Outgoing, PublishOutcome};
 use crate::model::{parse_change, Change, Envelope};
-use crate::store::{HistoryEvent, Record, State as ObjState, StatusUpdate};
+use crate::store::{HistoryEvent, IdState, Record, State as ObjState, StatusUpdate};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -359,11 +359,16 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
     };
     let mut reserved: Vec<&str> = Vec::new();
     if let Some(a) = &admission {
-        for ((id, &owner), fresh) in given_ids.iter().zip(&id_owner).zip(&a.fresh) {
-            if *fresh {
-                reserved.push(id);
-            } else {
-                fates[owner] = Fate::Duplicate;
+        for ((id, &owner), state) in given_ids.iter().zip(&id_owner).zip(&a.ids) {
+            match state {
+                IdState::Fresh => reserved.push(id),
+                IdState::Duplicate => fates[owner] = Fate::Duplicate,
+                IdState::InFlight => {
+                    fates[owner] = Fate::Rejected(
+                        "id: a change with this id is being accepted by another request right now; retry it"
+                            .into(),
+                    )
+                }
             }
         }
     }

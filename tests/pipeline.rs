@@ -287,6 +287,28 @@ async fn same_id_twice_is_a_duplicate_and_delivered_once() {
     eventually(WAIT, "both ids at shop", || shop.distinct_ids().len() == 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(shop.count(), 2, "each id delivered once");
+    // An id another request is still publishing (its key reserved, not yet confirmed) is
+    // not answered "duplicate" (that request may still fail): it is rejected, to retry.
+    let mut redis = redis_conn().await;
+    let key = format!("{}:d:central:in-flight-1", bridge.prefix);
+    let _: () = deadpool_redis::redis::cmd("SET")
+        .arg(&key)
+        .arg("p")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let change = json!({"id": "in-flight-1", "type": "Catalog.X", "ref": "x-3", "data": {}});
+    let (status, answer) = bridge.post_json("central", "central-secret", &change).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("being accepted"),
+        "{answer}"
+    );
     bridge.finish().await;
 }
 
