@@ -204,7 +204,7 @@ impl Compiled {
     /// remapped by `apply`).
     pub fn is_identity(&self) -> bool {
         self.script.is_none()
-            && self.fallback.as_ref().map_or(true, Rules::is_noop)
+            && self.fallback.as_ref().is_none_or(Rules::is_noop)
             && self.types.values().all(Rules::is_noop)
     }
 
@@ -600,7 +600,7 @@ fn visit_objects_mut(
         f(obj);
         return;
     };
-    if create && !seg.each && obj.get(&seg.name).map_or(true, Value::is_null) {
+    if create && !seg.each && obj.get(&seg.name).is_none_or(Value::is_null) {
         obj.insert(seg.name.clone(), Value::Object(Map::new()));
     }
     let Some(slot) = obj.get_mut(&seg.name) else {
@@ -917,7 +917,7 @@ impl Rules {
         for (path, value) in &self.defaults {
             let name = &path.last().name;
             visit_objects_mut(data, path.parent(), true, &mut |obj| {
-                if obj.get(name).map_or(true, Value::is_null) {
+                if obj.get(name).is_none_or(Value::is_null) {
                     obj.insert(name.clone(), value.clone());
                 }
             });

@@ -115,18 +115,11 @@ impl Core {
                     reference,
                 })
                 .collect();
-            let marks = loop {
-                match self.store.marks(&self.name, &keys).await {
-                    Ok(m) => break m,
-                    Err(e) => {
-                        // Without marks, order can't be checked: hold the batch until the store is back.
-                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return None, // unacked: redelivered after restart
-                        }
-                    }
-                }
+            let Some(marks) = self
+                .until_store(cancel, || self.store.marks(&self.name, &keys))
+                .await
+            else {
+                return None; // unacked: redelivered after restart
             };
             let marks: HashMap<ObjectKey<'_>, i64> = keys
                 .iter()
@@ -352,6 +345,27 @@ impl Core {
         }
         self.write_records(records).await;
     }
+    /// Calls the store until it answers: without it, order and references can't be checked,
+    /// so the batch is held (unacked). `None` when cancelled meanwhile.
+    async fn until_store<T, F, Fut>(&self, cancel: &CancellationToken, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    {
+        loop {
+            match call().await {
+                Ok(answer) => return Some(answer),
+                Err(e) => {
+                    warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads a consumed message as a change; one that is not (it can never be delivered) is
     /// dead-lettered with the reason at once.
     pub(crate) async fn read(&self, message: Incoming) -> Option<(Incoming, StoredChange)> {
@@ -513,17 +527,11 @@ impl Core {
                     reference: r,
                 })
                 .collect();
-            let marks = loop {
-                match self.store.marks(&self.name, &mark_keys).await {
-                    Ok(m) => break m,
-                    Err(e) => {
-                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return None,
-                        }
-                    }
-                }
+            let Some(marks) = self
+                .until_store(cancel, || self.store.marks(&self.name, &mark_keys))
+                .await
+            else {
+                return None; // unacked: redelivered after restart
             };
             present = Some(
                 keys.iter()
@@ -554,17 +562,11 @@ impl Core {
                 .iter()
                 .map(|(k, r)| (k.as_str(), r.as_str()))
                 .collect();
-            let found = loop {
-                match self.store.remap_get(&self.name, &borrowed).await {
-                    Ok(found) => break found,
-                    Err(e) => {
-                        warn!(target = %self.name, error = %e, "store unavailable; holding deliveries");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return None,
-                        }
-                    }
-                }
+            let Some(found) = self
+                .until_store(cancel, || self.store.remap_get(&self.name, &borrowed))
+                .await
+            else {
+                return None; // unacked: redelivered after restart
             };
             pairs
                 .into_iter()
