@@ -182,42 +182,66 @@ pub fn parse_change(value: Value) -> Result<Change, ChangeError> {
     })
 }
 
+/// 1C metadata kinds and their XDTO names: (kind, object or record set type, reference
+/// type — none for record sets). Read both ways: here for input, in `transform` for output.
+pub(crate) const XDTO_KINDS: &[(&str, &str, Option<&str>)] = &[
+    ("Catalog", "CatalogObject", Some("CatalogRef")),
+    ("Document", "DocumentObject", Some("DocumentRef")),
+    (
+        "ChartOfCharacteristicTypes",
+        "ChartOfCharacteristicTypesObject",
+        Some("ChartOfCharacteristicTypesRef"),
+    ),
+    (
+        "ChartOfAccounts",
+        "ChartOfAccountsObject",
+        Some("ChartOfAccountsRef"),
+    ),
+    (
+        "ChartOfCalculationTypes",
+        "ChartOfCalculationTypesObject",
+        Some("ChartOfCalculationTypesRef"),
+    ),
+    (
+        "ExchangePlan",
+        "ExchangePlanObject",
+        Some("ExchangePlanRef"),
+    ),
+    (
+        "BusinessProcess",
+        "BusinessProcessObject",
+        Some("BusinessProcessRef"),
+    ),
+    ("Task", "TaskObject", Some("TaskRef")),
+    ("InformationRegister", "InformationRegisterRecordSet", None),
+    (
+        "AccumulationRegister",
+        "AccumulationRegisterRecordSet",
+        None,
+    ),
+    ("AccountingRegister", "AccountingRegisterRecordSet", None),
+    ("CalculationRegister", "CalculationRegisterRecordSet", None),
+    ("Sequence", "SequenceRecordSet", None),
+];
+
 /// Maps the XDTO value-type prefix to the metadata kind: `CatalogObject` → `Catalog`,
-/// `InformationRegisterRecordSet` → `InformationRegister`.
+/// `InformationRegisterRecordSet` → `InformationRegister`; true for a record set.
 fn xdto_kind(prefix: &str) -> Option<(&'static str, bool)> {
-    // (kind, is a record set)
-    Some(match prefix {
-        "CatalogObject" => ("Catalog", false),
-        "DocumentObject" => ("Document", false),
-        "ChartOfCharacteristicTypesObject" => ("ChartOfCharacteristicTypes", false),
-        "ChartOfAccountsObject" => ("ChartOfAccounts", false),
-        "ChartOfCalculationTypesObject" => ("ChartOfCalculationTypes", false),
-        "ExchangePlanObject" => ("ExchangePlan", false),
-        "BusinessProcessObject" => ("BusinessProcess", false),
-        "TaskObject" => ("Task", false),
-        "InformationRegisterRecordSet" => ("InformationRegister", true),
-        "AccumulationRegisterRecordSet" => ("AccumulationRegister", true),
-        "AccountingRegisterRecordSet" => ("AccountingRegister", true),
-        "CalculationRegisterRecordSet" => ("CalculationRegister", true),
-        "SequenceRecordSet" => ("Sequence", true),
-        _ => return None,
-    })
+    XDTO_KINDS
+        .iter()
+        .find(|(_, object, _)| *object == prefix)
+        .map(|(kind, _, reference)| (*kind, reference.is_none()))
 }
 
 /// Maps a reference type prefix (`CatalogRef`) to its kind (`Catalog`); `EnumRef` → `Enum`.
 pub(crate) fn xdto_ref_kind(prefix: &str) -> Option<&'static str> {
-    Some(match prefix {
-        "CatalogRef" => "Catalog",
-        "DocumentRef" => "Document",
-        "ChartOfCharacteristicTypesRef" => "ChartOfCharacteristicTypes",
-        "ChartOfAccountsRef" => "ChartOfAccounts",
-        "ChartOfCalculationTypesRef" => "ChartOfCalculationTypes",
-        "ExchangePlanRef" => "ExchangePlan",
-        "BusinessProcessRef" => "BusinessProcess",
-        "TaskRef" => "Task",
-        "EnumRef" => "Enum",
-        _ => return None,
-    })
+    if prefix == "EnumRef" {
+        return Some("Enum");
+    }
+    XDTO_KINDS
+        .iter()
+        .find(|(_, _, reference)| *reference == Some(prefix))
+        .map(|(kind, _, _)| *kind)
 }
 
 /// Splits `jcfg:CatalogObject.Products` into (`CatalogObject`, `Products`).

@@ -408,29 +408,13 @@ struct XdtoNames {
 }
 
 fn xdto_names(kind: &str) -> Option<XdtoNames> {
-    let (object, reference) = match kind {
-        "Catalog" => ("CatalogObject", Some("CatalogRef")),
-        "Document" => ("DocumentObject", Some("DocumentRef")),
-        "ChartOfCharacteristicTypes" => (
-            "ChartOfCharacteristicTypesObject",
-            Some("ChartOfCharacteristicTypesRef"),
-        ),
-        "ChartOfAccounts" => ("ChartOfAccountsObject", Some("ChartOfAccountsRef")),
-        "ChartOfCalculationTypes" => (
-            "ChartOfCalculationTypesObject",
-            Some("ChartOfCalculationTypesRef"),
-        ),
-        "ExchangePlan" => ("ExchangePlanObject", Some("ExchangePlanRef")),
-        "BusinessProcess" => ("BusinessProcessObject", Some("BusinessProcessRef")),
-        "Task" => ("TaskObject", Some("TaskRef")),
-        "InformationRegister" => ("InformationRegisterRecordSet", None),
-        "AccumulationRegister" => ("AccumulationRegisterRecordSet", None),
-        "AccountingRegister" => ("AccountingRegisterRecordSet", None),
-        "CalculationRegister" => ("CalculationRegisterRecordSet", None),
-        "Sequence" => ("SequenceRecordSet", None),
-        _ => return None,
-    };
-    Some(XdtoNames { object, reference })
+    crate::model::XDTO_KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, object, reference)| XdtoNames {
+            object,
+            reference: *reference,
+        })
 }
 
 /// A 1C XDTO typed reference found in data: `{"#type": "jcfg:CatalogRef.X", "#value": guid}`.
