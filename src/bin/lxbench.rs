@@ -300,8 +300,10 @@ async fn cleanup(args: &Args, prefix: &str, targets: usize) {
                     .await;
                 queues.push(format!("{prefix}.deliver.sink{t}"));
                 queues.push(format!("{prefix}.dlq.sink{t}"));
-                queues.push(format!("{prefix}.retry.sink{t}.1"));
-                queues.push(format!("{prefix}.retry.sink{t}.2"));
+                // up to the 5 steps of the default retry.delays (the pull scenario uses them)
+                for step in 1..=5 {
+                    queues.push(format!("{prefix}.retry.sink{t}.{step}"));
+                }
             }
             for q in queues {
                 let _ = ch
