@@ -13,6 +13,7 @@ pub mod app;
 pub mod broker;
 pub mod config;
 pub mod deliver;
+pub mod demo;
 pub mod ingress;
 pub mod metrics;
 pub mod model;

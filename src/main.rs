@@ -47,6 +47,21 @@ enum Command {
         #[arg(long)]
         route: String,
     },
+    /// Show lxbridge at work with nothing else installed: the embedded backend, a built-in
+    /// demo target and a few sample 1C changes (one is refused and dead-lettered). Prints
+    /// what happened and the URLs to look at, then runs until Ctrl-C.
+    Demo {
+        /// Where lxbridge listens.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The folder for the demo's database and config, kept after exit [default: a fresh
+        /// folder under the system temp dir, removed on exit].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print the report and stop, instead of running until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
     /// Print an object's status per target and its history.
     Status {
         #[command(flatten)]
@@ -151,6 +166,15 @@ fn main() -> ExitCode {
             }),
         }),
         Command::Transform { config, route } => report(transform(config, &route)),
+        Command::Demo {
+            listen,
+            data_dir,
+            exit,
+        } => report(demo(lxbridge::demo::Options {
+            listen,
+            data_dir,
+            exit,
+        })),
         Command::Status { config, reference } => report(admin_call(config, move |c| {
             let path = format!("/api/v1/objects/{}", cli::encode_segment(&reference));
             (c, reqwest::Method::GET, path, None)
@@ -177,9 +201,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(args: ConfigArg) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    init_logging(&config.server.log_format);
+    init_logging(
+        &config.server.log_format,
+        "info,lapin=warn,lapin::channels=off",
+    );
     runtime()?.block_on(lxbridge::app::run(config))?;
     Ok(())
+}
+
+fn demo(options: lxbridge::demo::Options) -> anyhow::Result<()> {
+    // Only problems on stderr: the report on stdout is what the demo shows.
+    init_logging("text", "warn");
+    runtime()?.block_on(lxbridge::demo::run(options))
 }
 
 fn transform(args: ConfigArg, route: &str) -> anyhow::Result<()> {
@@ -207,13 +240,12 @@ fn admin_call(args: ConfigArg, build: impl FnOnce(Config) -> Call) -> anyhow::Re
     Ok(())
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr; `RUST_LOG` overrides `default_filter`. (For `run`, lapin::channels is off:
+/// it logs an ERROR for every connection closed at shutdown; connection failures that matter
+/// are logged by lxbridge::broker itself.)
+fn init_logging(format: &str, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // lapin::channels logs an ERROR for every connection closed at shutdown; connection
-        // failures that matter are logged by lxbridge::broker itself.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,lapin=warn,lapin::channels=off")
-        });
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
