@@ -7,9 +7,10 @@
 //! 2. close the broker connections (unacked prefetched messages go back to their queues).
 
 use crate::broker::{Broker, RabbitBroker};
-use crate::config::{Config, DeliverConfig, DeliverMode, Format, MissingRefs};
+use crate::config::{Backend, Config, DeliverConfig, DeliverMode, Format, MissingRefs};
 use crate::deliver::pull::Inbox;
 use crate::deliver::{announce, Core, PushTarget, RouteShape, Shaping};
+use crate::embedded::{Db, EmbeddedBroker, EmbeddedStore};
 use crate::metrics::Metrics;
 use crate::route::Routes;
 use crate::store::{RedisStore, Store};
@@ -39,6 +40,8 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Deliver(#[from] crate::deliver::DeliverError),
+    #[error(transparent)]
+    Embedded(#[from] crate::embedded::DbError),
 }
 
 /// A started lxbridge: where it listens and how to stop it.
@@ -173,21 +176,44 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
     let broker_tasks = TaskTracker::new();
     let delivery_tasks = TaskTracker::new();
 
-    let store: Arc<dyn Store> = Arc::new(RedisStore::new(
-        &config.store.redis_url,
-        &config.broker.prefix,
-        config.server.dedupe_window.0,
-        config.store.retention.0,
-        config.store.history_max,
-    )?);
-    let rabbit = RabbitBroker::start(
-        &config,
-        &routes,
-        broker_stop.clone(),
-        &broker_tasks,
-        metrics.broker_up.clone(),
-    );
-    let broker: Arc<dyn Broker> = rabbit.clone();
+    let (broker, store, db): (Arc<dyn Broker>, Arc<dyn Store>, _) = match config.backend {
+        Backend::Rabbit => {
+            let store = Arc::new(RedisStore::new(
+                &config.store.redis_url,
+                &config.broker.prefix,
+                config.server.dedupe_window.0,
+                config.store.retention.0,
+                config.store.history_max,
+            )?);
+            let rabbit = RabbitBroker::start(
+                &config,
+                &routes,
+                broker_stop.clone(),
+                &broker_tasks,
+                metrics.broker_up.clone(),
+            );
+            (rabbit, store, None)
+        }
+        Backend::Embedded => {
+            let db = Db::open(&config.data_dir())?;
+            let store = Arc::new(EmbeddedStore::new(
+                db.clone(),
+                config.server.dedupe_window.0,
+                config.store.retention.0,
+                config.store.history_max,
+            ));
+            spawn_expiry(store.clone(), broker_stop.clone(), &broker_tasks);
+            let broker = EmbeddedBroker::start(
+                db.clone(),
+                &config,
+                routes.clone(),
+                broker_stop.clone(),
+                &broker_tasks,
+            );
+            metrics.broker_up.set(1);
+            (broker, store, Some(db))
+        }
+    };
 
     let mut inboxes = HashMap::new();
     for node in &config.nodes {
@@ -260,6 +286,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         broker_stop.cancel();
         broker_tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), broker_tasks.wait()).await;
+        if let Some(db) = db {
+            db.close().await;
+        }
         info!("lxbridge stopped");
     });
     info!(%addr, "lxbridge listening");
@@ -342,6 +371,23 @@ fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &
                         .with_label_values(&[target])
                         .set(i64::from(retry));
                 }
+            }
+        }
+    });
+}
+
+/// Every minute: deletes the embedded store's expired rows (Redis expires keys itself).
+fn spawn_expiry(store: Arc<EmbeddedStore>, stop: CancellationToken, tracker: &TaskTracker) {
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = store.expire().await {
+                warn!(error = %e, "embedded store: deleting expired rows failed");
             }
         }
     });

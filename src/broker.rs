@@ -56,6 +56,11 @@ pub enum PublishOutcome {
 /// How a consumed message is settled with the backend it came from.
 pub enum AckHandle {
     Rabbit(lapin::Acker),
+    /// The embedded queue's row, and the prefetch slot it holds until settled.
+    Embedded {
+        row: i64,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 /// A change taken from a target's delivery queue.
@@ -66,7 +71,7 @@ pub struct Incoming {
     pub first_failed_ms: Option<i64>,
     /// Its last failure took its whole batch down: deliver it in a batch of its own.
     pub alone: bool,
-    handle: AckHandle,
+    pub(crate) handle: AckHandle,
 }
 
 /// Why a change failed and what failure is the next step.
@@ -324,8 +329,8 @@ fn header_str(props: &BasicProperties, name: &str) -> String {
     }
 }
 
-/// Reads a dead-lettered message's facts from its headers (and id/seq from its body).
-fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
+/// A message body's change id and seq (empty and 0 if it is not an lxbridge envelope).
+pub(crate) fn body_ids(body: &[u8]) -> (String, i64) {
     #[derive(serde::Deserialize, Default)]
     struct Ids {
         #[serde(default)]
@@ -333,10 +338,16 @@ fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
         #[serde(default)]
         seq: i64,
     }
-    let ids: Ids = serde_json::from_slice(&delivery.data).unwrap_or_default();
+    let ids: Ids = serde_json::from_slice(body).unwrap_or_default();
+    (ids.id, ids.seq)
+}
+
+/// Reads a dead-lettered message's facts from its headers (and id/seq from its body).
+fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
+    let (id, seq) = body_ids(&delivery.data);
     let p = &delivery.properties;
     DeadItem {
-        id: ids.id,
+        id,
         kind: header_str(p, "x-lx-type"),
         reference: header_str(p, "x-lx-ref"),
         source: header_str(p, "x-lx-source"),
@@ -345,7 +356,7 @@ fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
             .unwrap_or(0),
         error: header_str(p, H_ERROR),
         dead_at: crate::store::rfc3339_ms(header_i64(p, H_LAST_FAILED).unwrap_or(0)),
-        seq: ids.seq,
+        seq,
     }
 }
 
@@ -812,6 +823,9 @@ impl Broker for RabbitBroker {
                     .await
                     .map(|_| ())
                     .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                AckHandle::Embedded { .. } => Err(BrokerError::Unavailable(
+                    "a message of the embedded backend cannot be settled with RabbitMQ".into(),
+                )),
             }
         })
     }

@@ -104,6 +104,16 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
+    /// Extension: the built-in backend (no RabbitMQ, no Redis), used when the config has
+    /// neither `[broker]` nor `store.redis_url`.
+    #[serde(default)]
+    pub embedded: Option<EmbeddedConfig>,
+    /// Which backend carries the changes; decided from the sections present.
+    #[serde(skip)]
+    pub backend: Backend,
+    /// `[broker]` or `store.redis_url` was written in the config (for validate).
+    #[serde(skip)]
+    pub external_given: bool,
     /// The folder relative paths in the config (mapping and script files) start from.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -129,6 +139,32 @@ impl Default for ServerConfig {
             dedupe_window: Duration::from_secs(24 * 3600),
             shutdown_grace: Duration::from_secs(30),
             log_format: "text".into(),
+        }
+    }
+}
+
+/// Which implementation of the broker and store traits runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// RabbitMQ holds the messages, Redis the facts: for high load and many instances.
+    Rabbit,
+    /// One SQLite database in `embedded.data_dir` holds both: one machine, one instance.
+    #[default]
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// The folder of the embedded database (created if missing); a relative path starts
+    /// from the config file's folder, as mapping files do.
+    pub data_dir: PathBuf,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            data_dir: PathBuf::from("lxbridge-data"),
         }
     }
 }
@@ -459,12 +495,33 @@ impl Config {
             message: e.to_string(),
         })?;
         expand_env(&mut value, origin)?;
+        let external_given = value.get("broker").is_some()
+            || value
+                .get("store")
+                .and_then(|s| s.get("redis_url"))
+                .is_some();
         let mut config = Config::deserialize(value).map_err(|e| ConfigError::Schema {
             path: origin.into(),
             message: e.to_string(),
         })?;
         config.base_dir = PathBuf::from(".");
+        config.external_given = external_given;
+        config.backend = if external_given && config.embedded.is_none() {
+            Backend::Rabbit
+        } else {
+            Backend::Embedded
+        };
         Ok(config)
+    }
+
+    /// The embedded backend's folder, resolved against the config file's folder.
+    pub fn data_dir(&self) -> PathBuf {
+        let dir = self.embedded.clone().unwrap_or_default().data_dir;
+        if dir.is_absolute() {
+            dir
+        } else {
+            self.base_dir.join(dir)
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
@@ -489,7 +546,18 @@ impl Config {
                 self.server.log_format
             ));
         }
-        if !self.broker.url.starts_with("amqp://") {
+        if self.external_given && self.embedded.is_some() {
+            problems.push(
+                "[embedded] and [broker]/store.redis_url are both set: choose one backend (embedded, or RabbitMQ + Redis)"
+                    .into(),
+            );
+        }
+        if let Some(embedded) = &self.embedded {
+            if embedded.data_dir.as_os_str().is_empty() {
+                problems.push("embedded.data_dir must not be empty".into());
+            }
+        }
+        if self.backend == Backend::Rabbit && !self.broker.url.starts_with("amqp://") {
             problems.push(format!(
                 "broker.url {:?} must start with amqp:// (this build has no TLS to RabbitMQ: amqps:// is not supported)",
                 self.broker.url
@@ -506,7 +574,7 @@ impl Config {
                 "broker.prefix {prefix:?} must be 1-64 characters of a-z, A-Z, 0-9, _, - or ."
             ));
         }
-        if !self.store.redis_url.starts_with("redis://") {
+        if self.backend == Backend::Rabbit && !self.store.redis_url.starts_with("redis://") {
             problems.push(format!(
                 "store.redis_url {:?} must start with redis:// (this build has no TLS to Redis: rediss:// is not supported)",
                 self.store.redis_url

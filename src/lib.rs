@@ -1,7 +1,9 @@
-//! lxbridge: carries 1C:Enterprise object changes between bases and sites through RabbitMQ.
+//! lxbridge: carries 1C:Enterprise object changes between bases and sites through RabbitMQ
+//! (or, on one machine, through its embedded backend).
 //!
 //! Data flow (see ARCHITECTURE.md): `ingress` parses and authenticates a POST, `route`
-//! decides the targets, `broker` publishes with confirms to the source node's exchange;
+//! decides the targets, `broker` publishes with confirms to the source node's exchange
+//! (`embedded` is the same broker and store on SQLite);
 //! `deliver` consumes each target's queue and pushes batches; `store` keeps every object's
 //! status and history; `admin` shows them; `metrics` counts everything; `app` wires it.
 
@@ -14,6 +16,7 @@ pub mod broker;
 pub mod config;
 pub mod deliver;
 pub mod demo;
+pub mod embedded;
 pub mod ingress;
 pub mod metrics;
 pub mod model;

@@ -48,7 +48,7 @@ pub enum State {
 impl State {
     /// For the same change, a later state never gives way to an earlier one (a late
     /// `queued` write can't hide `delivered`).
-    fn rank(self) -> u8 {
+    pub(crate) fn rank(self) -> u8 {
         match self {
             State::Queued => 0,
             State::Retrying => 1,
@@ -128,6 +128,17 @@ pub struct ObjectView {
     pub reference: String,
     pub targets: Vec<TargetStatus>,
     pub history: Vec<HistoryEvent>,
+}
+
+impl ObjectView {
+    /// Targets by (target, type); history by time (stable: events are written by different
+    /// tasks and processes), and within one millisecond `accepted` first.
+    pub fn sort(&mut self) {
+        self.targets
+            .sort_by(|a, b| (&a.target, &a.kind).cmp(&(&b.target, &b.kind)));
+        self.history
+            .sort_by(|a, b| (&a.at, a.event != "accepted").cmp(&(&b.at, b.event != "accepted")));
+    }
 }
 
 /// The result of reserving idempotency keys and sequence numbers for one request.
@@ -278,7 +289,7 @@ const ID_PENDING: &str = "p";
 const ID_ACCEPTED: &str = "1";
 
 /// How long an idempotency key stays reserved while its change is being published.
-const PENDING_ID_TTL_SECS: u64 = 300;
+pub(crate) const PENDING_ID_TTL_SECS: u64 = 300;
 
 pub struct RedisStore {
     pool: deadpool_redis::Pool,
@@ -645,13 +656,7 @@ impl Store for RedisStore {
                     .map(|json| serde_json::from_str(json).map_err(|_| parse("history", json)))
                     .collect::<Result<_, _>>()?,
             };
-            view.targets
-                .sort_by(|a, b| (&a.target, &a.kind).cmp(&(&b.target, &b.kind)));
-            // Events are written by different processes; order them by time (stable).
-            // Within one millisecond, `accepted` comes first.
-            view.history.sort_by(|a, b| {
-                (&a.at, a.event != "accepted").cmp(&(&b.at, b.event != "accepted"))
-            });
+            view.sort();
             Ok(Some(view))
         })
     }

@@ -45,9 +45,9 @@ const WAIT: Duration = Duration::from_secs(15);
 const MAX_BODY: usize = 65536;
 const BEARER: Option<&str> = Some("Bearer central-secret");
 
-async fn setup(name: &str) -> (Bridge, Target) {
+async fn setup(backend: Backend, name: &str) -> (Bridge, Target) {
     let shop = Target::start().await;
-    let bridge = Bridge::start(name, &CONFIG.replace("{shop}", &shop.url())).await;
+    let bridge = Bridge::start(backend, name, &CONFIG.replace("{shop}", &shop.url())).await;
     (bridge, shop)
 }
 
@@ -120,9 +120,8 @@ fn noise(n: usize) -> Vec<u8> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broken_json_is_400() {
-    let (bridge, shop) = setup("badjson").await;
+async fn broken_json_is_400(backend: Backend) {
+    let (bridge, shop) = setup(backend, "badjson").await;
     let body = br#"[{"id": "j1", "type": "Catalog.Products", "ref": "j-1", "data": {"#.to_vec();
     let (status, answer) = bridge
         .post_with("central", BEARER, "application/json", None, body)
@@ -133,9 +132,8 @@ async fn broken_json_is_400() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_gzip_is_400() {
-    let (bridge, shop) = setup("badgzip").await;
+async fn corrupt_gzip_is_400(backend: Backend) {
+    let (bridge, shop) = setup(backend, "badgzip").await;
     // Bytes that are not gzip at all.
     let (status, answer) = bridge
         .post_with(
@@ -182,9 +180,8 @@ async fn corrupt_gzip_is_400() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_over_the_limit_is_413() {
-    let (bridge, shop) = setup("toolarge").await;
+async fn body_over_the_limit_is_413(backend: Backend) {
+    let (bridge, shop) = setup(backend, "toolarge").await;
     // A valid JSON array of ~100 KB: over max_body_bytes = 65536.
     let items: Vec<Value> = (0..1000)
         .map(|i| good(&format!("big-{i}"), &format!("big-ref-{i:04}")))
@@ -204,9 +201,8 @@ async fn body_over_the_limit_is_413() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gzip_bomb_is_413_and_memory_stays_bounded() {
-    let (bridge, shop) = setup("gzbomb").await;
+async fn gzip_bomb_is_413_and_memory_stays_bounded(backend: Backend) {
+    let (bridge, shop) = setup(backend, "gzbomb").await;
     // 60 MiB of zeros compress to ~60 KB: under the limit on the wire, ~1000x over it inflated.
     let inflated: usize = 60 << 20;
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -241,9 +237,8 @@ async fn gzip_bomb_is_413_and_memory_stays_bounded() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_bearer_token_is_401() {
-    let (bridge, shop) = setup("wrongbearer").await;
+async fn wrong_bearer_token_is_401(backend: Backend) {
+    let (bridge, shop) = setup(backend, "wrongbearer").await;
     let body = serde_json::to_vec(&good("wb1", "wb-1")).unwrap();
     let (status, answer) = bridge
         .post_with(
@@ -260,9 +255,8 @@ async fn wrong_bearer_token_is_401() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_authorization_is_401() {
-    let (bridge, shop) = setup("noauth").await;
+async fn missing_authorization_is_401(backend: Backend) {
+    let (bridge, shop) = setup(backend, "noauth").await;
     let body = serde_json::to_vec(&good("na1", "na-1")).unwrap();
     let (status, answer) = bridge
         .post_with("central", None, "application/json", None, body)
@@ -273,9 +267,8 @@ async fn missing_authorization_is_401() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic_auth_with_node_name_and_token_is_202() {
-    let (bridge, shop) = setup("basicok").await;
+async fn basic_auth_with_node_name_and_token_is_202(backend: Backend) {
+    let (bridge, shop) = setup(backend, "basicok").await;
     let body = serde_json::to_vec(&good("ba1", "ba-1")).unwrap();
     let auth = basic("central", "central-secret");
     let (status, answer) = bridge
@@ -293,9 +286,8 @@ async fn basic_auth_with_node_name_and_token_is_202() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic_auth_with_wrong_user_is_401() {
-    let (bridge, shop) = setup("basicbad").await;
+async fn basic_auth_with_wrong_user_is_401(backend: Backend) {
+    let (bridge, shop) = setup(backend, "basicbad").await;
     let body = serde_json::to_vec(&good("bb1", "bb-1")).unwrap();
     // The right password, but the user must be the node's name.
     let auth = basic("shop", "central-secret");
@@ -308,9 +300,8 @@ async fn basic_auth_with_wrong_user_is_401() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_node_is_404_before_credentials() {
-    let (bridge, shop) = setup("unknownnode").await;
+async fn unknown_node_is_404_before_credentials(backend: Backend) {
+    let (bridge, shop) = setup(backend, "unknownnode").await;
     let body = serde_json::to_vec(&good("un1", "un-1")).unwrap();
     // No credentials at all: the node is checked first.
     let (status, answer) = bridge
@@ -328,9 +319,8 @@ async fn unknown_node_is_404_before_credentials() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn text_plain_is_415() {
-    let (bridge, shop) = setup("textplain").await;
+async fn text_plain_is_415(backend: Backend) {
+    let (bridge, shop) = setup(backend, "textplain").await;
     let body = serde_json::to_vec(&good("tp1", "tp-1")).unwrap();
     let (status, answer) = bridge
         .post_with("central", BEARER, "text/plain", None, body)
@@ -341,9 +331,8 @@ async fn text_plain_is_415() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn array_with_two_bad_items_is_207_and_only_the_good_ones_arrive() {
-    let (bridge, shop) = setup("partial").await;
+async fn array_with_two_bad_items_is_207_and_only_the_good_ones_arrive(backend: Backend) {
+    let (bridge, shop) = setup(backend, "partial").await;
     let changes = json!([
         good("p0", "part-0"),
         {"id": "p1", "type": "Catalog.Products", "data": {"Name": "no ref"}},
@@ -389,9 +378,8 @@ async fn array_with_two_bad_items_is_207_and_only_the_good_ones_arrive() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ndjson_with_a_non_json_line_is_207_with_that_line_rejected() {
-    let (bridge, shop) = setup("ndjsonline").await;
+async fn ndjson_with_a_non_json_line_is_207_with_that_line_rejected(backend: Backend) {
+    let (bridge, shop) = setup(backend, "ndjsonline").await;
     // Blank lines do not count: "this is not json" is item 1.
     let body = format!(
         "{}\n\n   \nthis is not json\n{}\n\n",
@@ -434,9 +422,8 @@ async fn ndjson_with_a_non_json_line_is_207_with_that_line_rejected() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ndjson_with_no_json_line_is_400() {
-    let (bridge, shop) = setup("ndjsonnone").await;
+async fn ndjson_with_no_json_line_is_400(backend: Backend) {
+    let (bridge, shop) = setup(backend, "ndjsonnone").await;
     let body = b"not json\n\n{broken\n<xml/>\n".to_vec();
     let (status, answer) = bridge
         .post_with("central", BEARER, "application/x-ndjson", None, body)
@@ -447,9 +434,8 @@ async fn ndjson_with_no_json_line_is_400() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_type_is_422_and_recorded_in_history() {
-    let (bridge, shop) = setup("unroutable").await;
+async fn unroutable_type_is_422_and_recorded_in_history(backend: Backend) {
+    let (bridge, shop) = setup(backend, "unroutable").await;
     let changes = json!([
         {"id": "u1", "type": "Document.Unknown", "ref": "unroutable-1", "data": {"Number": "1"}}
     ]);
@@ -482,9 +468,8 @@ async fn unroutable_type_is_422_and_recorded_in_history() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_change_rejected_is_422() {
-    let (bridge, shop) = setup("allrejected").await;
+async fn every_change_rejected_is_422(backend: Backend) {
+    let (bridge, shop) = setup(backend, "allrejected").await;
     let changes = json!([
         {"id": "r0", "ref": "rej-0", "data": {}},
         {"id": "r1", "type": "Catalog.Products", "ref": "rej-1"},
@@ -509,9 +494,8 @@ async fn every_change_rejected_is_422() {
 /// API.md: "Every 4xx/5xx answer anywhere in the API has a JSON body {"error": …}", and a 422
 /// has the 202 shape besides (adding fields is allowed). Ingress answers 422 with only
 /// `accepted`/`rejected`/`results`: no top-level "error".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answer_422_also_has_a_top_level_error() {
-    let (bridge, shop) = setup("err422").await;
+async fn answer_422_also_has_a_top_level_error(backend: Backend) {
+    let (bridge, shop) = setup(backend, "err422").await;
     let changes = json!([{"id": "e0", "type": "Document.Unknown", "ref": "e-0", "data": {}}]);
     let (status, answer) = bridge
         .post_json("central", "central-secret", &changes)
@@ -523,9 +507,8 @@ async fn answer_422_also_has_a_top_level_error() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_error_answer_is_json_even_from_the_framework() {
-    let (bridge, _shop) = setup("jsonerrors").await;
+async fn every_error_answer_is_json_even_from_the_framework(backend: Backend) {
+    let (bridge, _shop) = setup(backend, "jsonerrors").await;
     let cases = [
         (reqwest::Method::GET, "/api/v1/objects/%FF", 400),
         (reqwest::Method::GET, "/api/v1/dlq/shop?limit=abc", 400),
@@ -542,3 +525,23 @@ async fn every_error_answer_is_json_even_from_the_framework() {
     }
     bridge.finish().await;
 }
+
+both_backends!(
+    broken_json_is_400,
+    corrupt_gzip_is_400,
+    body_over_the_limit_is_413,
+    gzip_bomb_is_413_and_memory_stays_bounded,
+    wrong_bearer_token_is_401,
+    missing_authorization_is_401,
+    basic_auth_with_node_name_and_token_is_202,
+    basic_auth_with_wrong_user_is_401,
+    unknown_node_is_404_before_credentials,
+    text_plain_is_415,
+    array_with_two_bad_items_is_207_and_only_the_good_ones_arrive,
+    ndjson_with_a_non_json_line_is_207_with_that_line_rejected,
+    ndjson_with_no_json_line_is_400,
+    unroutable_type_is_422_and_recorded_in_history,
+    every_change_rejected_is_422,
+    answer_422_also_has_a_top_level_error,
+    every_error_answer_is_json_even_from_the_framework,
+);

@@ -61,7 +61,7 @@ to = ["shop"]
 "#,
         target.url()
     );
-    let bridge = Arc::new(Bridge::start("restart", &template).await);
+    let bridge = Arc::new(Bridge::start(Backend::Rabbit, "restart", &template).await);
     let accepted = Arc::new(Mutex::new(HashSet::<String>::new()));
     let saw_503 = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));

@@ -192,10 +192,14 @@ to = ["shop"]
 types = ["Catalog.*"]
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_prints_what_the_admin_api_returns() {
+async fn status_prints_what_the_admin_api_returns(backend: Backend) {
     let shop = Target::start().await;
-    let bridge = Bridge::start("clistatus", &BRIDGE_CONFIG.replace("{shop}", &shop.url())).await;
+    let bridge = Bridge::start(
+        backend,
+        "clistatus",
+        &BRIDGE_CONFIG.replace("{shop}", &shop.url()),
+    )
+    .await;
     // A ref with characters that need encoding in a URL path.
     let reference = "Номенклатура=5f1c;ВидЦены=9a/2b";
     let (status, answer) = bridge
@@ -391,3 +395,5 @@ filter = [{ field = "Posted", eq = true }]
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route named"));
 }
+
+both_backends!(status_prints_what_the_admin_api_returns,);

@@ -54,8 +54,7 @@ fn events_for(object: &Value, target: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn always_failing_change_dies_with_its_error_then_replay_delivers_it() {
+async fn always_failing_change_dies_with_its_error_then_replay_delivers_it(backend: Backend) {
     let target = Target::start().await;
     let broken = Arc::new(AtomicBool::new(true));
     let b = broken.clone();
@@ -63,7 +62,7 @@ async fn always_failing_change_dies_with_its_error_then_replay_delivers_it() {
         (c["ref"] == "x" && b.load(Ordering::SeqCst))
             .then(|| ("no such warehouse 42".to_string(), true))
     });
-    let bridge = Bridge::start("dlq", &config(&target.url())).await;
+    let bridge = Bridge::start(backend, "dlq", &config(&target.url())).await;
     let (status, _) = bridge
         .post_json(
             "central",
@@ -103,7 +102,7 @@ async fn always_failing_change_dies_with_its_error_then_replay_delivers_it() {
     assert_eq!(item["error"], "no such warehouse 42");
     assert!(item["dead_at"].as_str().unwrap().ends_with('Z'));
     // Listing leaves the item in place.
-    assert_eq!(queue_len(&format!("{}.dlq.shop", bridge.prefix)).await, 1);
+    assert_eq!(bridge.dlq_len("shop").await, 1);
     assert_eq!(target.distinct_ids(), HashSet::from(["ok-1".to_string()]));
 
     let (_, object) = bridge.admin_get("/api/v1/objects/x").await;
@@ -178,8 +177,9 @@ fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_one() {
+async fn retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_one(
+    backend: Backend,
+) {
     let target = Target::start().await;
     target.set_verdict(|c| {
         c["ref"]
@@ -188,7 +188,7 @@ async fn retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_o
             .starts_with("reject")
             .then(|| ("INN is invalid".to_string(), false))
     });
-    let bridge = Bridge::start("noretry", &config(&target.url())).await;
+    let bridge = Bridge::start(backend, "noretry", &config(&target.url())).await;
     let (status, _) = bridge
         .post_json(
             "central",
@@ -201,9 +201,8 @@ async fn retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_o
         )
         .await;
     assert_eq!(status, 202);
-    let dlq = format!("{}.dlq.shop", bridge.prefix);
     let start = Instant::now();
-    while queue_len(&dlq).await < 2 {
+    while bridge.dlq_len("shop").await < 2 {
         assert!(start.elapsed() < WAIT, "two changes never reached the DLQ");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -260,16 +259,15 @@ async fn retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_o
         json!({"purged": 1})
     );
     let _ = std::fs::remove_file(&config_path);
-    assert_eq!(queue_len(&dlq).await, 0);
+    assert_eq!(bridge.dlq_len("shop").await, 0);
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_change_cannot_block_the_changes_behind_it() {
+async fn poison_change_cannot_block_the_changes_behind_it(backend: Backend) {
     let target = Target::start().await;
     // The target chokes on the whole batch (HTTP 500) whenever the poison is in it.
     let choking = ChokingTarget::start(target.clone()).await;
-    let bridge = Bridge::start("poison", &config(&choking.url())).await;
+    let bridge = Bridge::start(backend, "poison", &config(&choking.url())).await;
     let mut batch: Vec<Value> = (0..10)
         .map(|i| change(&format!("a-{i}"), &format!("a-{i}")))
         .collect();
@@ -300,9 +298,8 @@ async fn poison_change_cannot_block_the_changes_behind_it() {
     })
     .await;
     assert!(!target.distinct_ids().contains("p-1"));
-    let dlq = format!("{}.dlq.shop", bridge.prefix);
     let start = Instant::now();
-    while queue_len(&dlq).await < 1 {
+    while bridge.dlq_len("shop").await < 1 {
         assert!(start.elapsed() < WAIT, "poison never reached the DLQ");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -378,12 +375,11 @@ impl ChokingTarget {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_down_30s_under_load_opens_the_breaker_and_loses_nothing() {
+async fn target_down_30s_under_load_opens_the_breaker_and_loses_nothing(backend: Backend) {
     let target = Target::start().await;
     let proxy = Proxy::start(&target.addr.to_string()).await;
     let url = format!("http://{}/receive", proxy.addr);
-    let bridge = Bridge::start("down", &config(&url)).await;
+    let bridge = Bridge::start(backend, "down", &config(&url)).await;
     let accepted = Arc::new(Mutex::new(HashSet::<String>::new()));
     let mut breaker_opened = false;
     let start = Instant::now();
@@ -437,11 +433,7 @@ async fn target_down_30s_under_load_opens_the_breaker_and_loses_nothing() {
         },
     )
     .await;
-    assert_eq!(
-        queue_len(&format!("{}.dlq.shop", bridge.prefix)).await,
-        0,
-        "nothing died"
-    );
+    assert_eq!(bridge.dlq_len("shop").await, 0, "nothing died");
     let metrics = bridge.metrics().await;
     assert!(
         metrics.contains("lx_breaker_open{target=\"shop\"} 0"),
@@ -456,7 +448,7 @@ async fn store_cut_mid_load_gives_503_and_loses_nothing_accepted() {
     let target = Target::start().await;
     let proxy = Proxy::start("127.0.0.1:6379").await;
     let template = config(&target.url()).replace("{redis}", &format!("redis://{}/0", proxy.addr));
-    let bridge = Bridge::start("storecut", &template).await;
+    let bridge = Bridge::start(Backend::Rabbit, "storecut", &template).await;
     let mut accepted = HashSet::new();
     let mut saw_503 = false;
     let start = Instant::now();
@@ -502,3 +494,10 @@ async fn store_cut_mid_load_gives_503_and_loses_nothing_accepted() {
     // The cleanup talks to Redis directly, not through the proxy.
     bridge.finish().await;
 }
+
+both_backends!(
+    always_failing_change_dies_with_its_error_then_replay_delivers_it,
+    retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_one,
+    poison_change_cannot_block_the_changes_behind_it,
+    target_down_30s_under_load_opens_the_breaker_and_loses_nothing,
+);

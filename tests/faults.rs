@@ -1,6 +1,7 @@
 //! Faults: the broker connection cut (through a TCP proxy, so tests beside this one are not
-//! disturbed), the broker unreachable at start, and SIGTERM under load. Every change that got
-//! 202 must arrive.
+//! disturbed) and the broker unreachable at start (RabbitMQ only: the embedded backend has no
+//! connection), SIGTERM and kill -9 under load (both backends). Every change that got 202
+//! must arrive.
 
 mod common;
 
@@ -43,7 +44,7 @@ to = ["shop"]
 fn batch(prefix: &str, start: usize, n: usize) -> Value {
     Value::Array(
         (start..start + n)
-            .map(|i| json!({"id": format!("{prefix}-{i}"), "type": "Catalog.X", "ref": format!("r-{i}"), "data": {"i": i}}))
+            .map(|i| json!({"id": format!("{prefix}-{i}"), "type": "Catalog.X", "ref": format!("r-{prefix}-{i}"), "data": {"i": i}}))
             .collect(),
     )
 }
@@ -66,6 +67,7 @@ async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
     let target = Target::start().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let bridge = Bridge::start_with(
+        Backend::Rabbit,
         &unique_prefix("cut"),
         &config(&target),
         &proxy.amqp_url(),
@@ -157,6 +159,7 @@ async fn broker_unreachable_at_start_is_503_until_it_appears() {
     let proxy = Proxy::start("127.0.0.1:5672").await;
     proxy.cut();
     let bridge = Bridge::start_with(
+        Backend::Rabbit,
         &unique_prefix("late"),
         &config(&target),
         &proxy.amqp_url(),
@@ -185,8 +188,7 @@ async fn broker_unreachable_at_start_is_503_until_it_appears() {
 }
 
 /// Sends SIGTERM to the lxbridge binary while thousands of changes are in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_under_load_exits_zero_and_loses_nothing() {
+async fn sigterm_under_load_exits_zero_and_loses_nothing(backend: Backend) {
     let target = Target::start().await;
     // A slow target keeps most changes queued when SIGTERM comes.
     target
@@ -198,7 +200,7 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let text = render(&config(&target), &prefix, AMQP_URL)
+    let text = render(backend, &config(&target), &prefix, AMQP_URL)
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let path = std::env::temp_dir().join(format!("{prefix}.toml"));
     std::fs::write(&path, &text).unwrap();
@@ -206,32 +208,8 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
 
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lxbridge"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("lxbridge binary starts")
-    };
-    let wait_ready = |http: reqwest::Client, base: String| async move {
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "binary not ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-
-    let mut child = spawn();
-    wait_ready(http.clone(), base.clone()).await;
+    let mut child = spawn_binary(&path);
+    wait_binary_ready(&http, &base).await;
     let mut accepted: HashSet<String> = HashSet::new();
     for r in 0..50 {
         let resp = http
@@ -273,8 +251,8 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         "SIGTERM came while changes were in flight"
     );
 
-    let mut child = spawn();
-    wait_ready(http.clone(), base.clone()).await;
+    let mut child = spawn_binary(&path);
+    wait_binary_ready(&http, &base).await;
     target
         .inner
         .delay_ms
@@ -295,6 +273,177 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let _ = std::fs::remove_file(&path);
     cleanup(&parsed).await;
 }
+
+/// A started lxbridge binary, killed if the test ends (or fails) without stopping it.
+struct Child(std::process::Child);
+
+impl std::ops::Deref for Child {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Child {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts the lxbridge binary on a config file.
+fn spawn_binary(path: &std::path::Path) -> Child {
+    Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lxbridge"))
+            .args(["run", "--config"])
+            .arg(path)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("lxbridge binary starts"),
+    )
+}
+
+async fn wait_binary_ready(http: &reqwest::Client, base: &str) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "binary not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// kill -9 while a client is posting as fast as it can: every change answered 202 before the
+/// kill is delivered after a restart (the embedded backend's fsync at commit, RabbitMQ's
+/// publisher confirms).
+async fn kill_9_under_load_loses_nothing_accepted(backend: Backend) {
+    let target = Target::start().await;
+    target
+        .inner
+        .delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
+    let prefix = unique_prefix("kill9");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = render(backend, &config(&target), &prefix, AMQP_URL)
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
+    std::fs::write(&path, &text).unwrap();
+    let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let mut child = spawn_binary(&path);
+    wait_binary_ready(&http, &base).await;
+    // Two clients post batches of 50 until the process dies under them.
+    let accepted = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let mut clients = Vec::new();
+    for c in 0..2 {
+        let (http, base, accepted) = (http.clone(), base.clone(), accepted.clone());
+        clients.push(tokio::spawn(async move {
+            for r in 0.. {
+                let sent = http
+                    .post(format!("{base}/api/v1/nodes/central/changes"))
+                    .bearer_auth("central-secret")
+                    .header("content-type", "application/json")
+                    .body(batch(&format!("k{c}"), r * 50, 50).to_string())
+                    .send()
+                    .await;
+                let Ok(resp) = sent else { break };
+                if resp.status().as_u16() != 202 {
+                    break;
+                }
+                let Ok(text) = resp.text().await else { break };
+                let answer: Value = serde_json::from_str(&text).unwrap();
+                accepted.lock().unwrap().extend(accepted_ids(&answer));
+            }
+        }));
+    }
+    eventually(Duration::from_secs(30), "2,000 changes accepted", || {
+        accepted.lock().unwrap().len() >= 2000
+    })
+    .await;
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed, not exited: {status:?}");
+    for c in clients {
+        c.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let before = target.distinct_ids();
+    assert!(
+        before.len() < accepted.len(),
+        "changes were still in flight at the kill ({} of {} delivered)",
+        before.len(),
+        accepted.len()
+    );
+
+    let mut child = spawn_binary(&path);
+    wait_binary_ready(&http, &base).await;
+    target
+        .inner
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let restarted = Instant::now();
+    loop {
+        let got = target.distinct_ids();
+        let missing: Vec<&String> = accepted.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if restarted.elapsed() > Duration::from_secs(60) {
+            let sample = missing[0].clone();
+            let object = http
+                .get(format!("{base}/api/v1/objects/r-{sample}"))
+                .bearer_auth("admin-secret")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            panic!(
+                "{} of {} accepted changes never delivered after the restart, e.g. {sample}: {object}",
+                missing.len(),
+                accepted.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    cleanup(&parsed).await;
+}
+
+both_backends!(
+    sigterm_under_load_exits_zero_and_loses_nothing,
+    kill_9_under_load_loses_nothing_accepted,
+);
 
 trait JsonValue {
     async fn json_value(self) -> Value;

@@ -236,13 +236,12 @@ fn assert_exported(scrape: &Scrape, what: &str, exprs: &[String]) -> BTreeSet<St
     used
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_and_alerts_use_only_exported_metrics() {
+async fn dashboard_and_alerts_use_only_exported_metrics(backend: Backend) {
     // Workload: accepted changes delivered ok, one refused with retry:false (→ DLQ), one
     // rejected at ingress, one unauthorised request.
     let target = Target::start().await;
     target.set_verdict(|c| (c["ref"] == "refused").then(|| ("INN is invalid".to_string(), false)));
-    let bridge = Bridge::start("observe", &workload_config(&target.url())).await;
+    let bridge = Bridge::start(backend, "observe", &workload_config(&target.url())).await;
     let (status, body) = bridge
         .post_json(
             "central",
@@ -970,3 +969,5 @@ fn deploy_files_parse_and_agree_with_config() {
         "TimeoutStopSec {stop:?}"
     );
 }
+
+both_backends!(dashboard_and_alerts_use_only_exported_metrics,);

@@ -1,4 +1,5 @@
-//! The core pipeline end to end: ingress → RabbitMQ → push delivery to real HTTP targets.
+//! The core pipeline end to end: ingress → broker → push delivery to real HTTP targets, on
+//! both backends.
 
 mod common;
 
@@ -54,21 +55,20 @@ to = ["erp"]
 types = ["Document.*"]
 "#;
 
-async fn setup(name: &str) -> (Bridge, Target, Target) {
+async fn setup(backend: Backend, name: &str) -> (Bridge, Target, Target) {
     let shop = Target::start().await;
     let erp = Target::start().await;
     let template = CONFIG
         .replace("{shop}", &shop.url())
         .replace("{erp}", &erp.url());
-    let bridge = Bridge::start(name, &template).await;
+    let bridge = Bridge::start(backend, name, &template).await;
     (bridge, shop, erp)
 }
 
 const WAIT: Duration = Duration::from_secs(20);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn change_fans_out_to_routed_targets_only_with_the_contract_body() {
-    let (bridge, shop, erp) = setup("fanout").await;
+async fn change_fans_out_to_routed_targets_only_with_the_contract_body(backend: Backend) {
+    let (bridge, shop, erp) = setup(backend, "fanout").await;
     let changes = json!([
         {"id": "c1", "type": "Catalog.Products", "ref": "p-1", "data": {"Name": "Table"}, "ts": "2026-11-20T14:30:00+03:00"},
         {"id": "c2", "type": "Document.Invoice", "ref": "inv-1", "data": {"Number": "7"}},
@@ -180,9 +180,8 @@ fn base64_encode(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_changes_in_one_gzip_ndjson_batch_arrive_exactly_once() {
-    let (bridge, shop, erp) = setup("ndjson1000").await;
+async fn thousand_changes_in_one_gzip_ndjson_batch_arrive_exactly_once(backend: Backend) {
+    let (bridge, shop, erp) = setup(backend, "ndjson1000").await;
     let mut body = String::new();
     for i in 0..1000 {
         body.push_str(&json!({"id": format!("n-{i}"), "type": "Catalog.Номенклатура", "ref": format!("ref-{i}"), "data": {"i": i}}).to_string());
@@ -220,9 +219,8 @@ async fn thousand_changes_in_one_gzip_ndjson_batch_arrive_exactly_once() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xdto_forms_are_normalised_and_delivered() {
-    let (bridge, _shop, erp) = setup("xdto").await;
+async fn xdto_forms_are_normalised_and_delivered(backend: Backend) {
+    let (bridge, _shop, erp) = setup(backend, "xdto").await;
     let dir = format!("{}/tests/fixtures/1c", env!("CARGO_MANIFEST_DIR"));
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/expected.json")).unwrap())
@@ -266,9 +264,8 @@ async fn xdto_forms_are_normalised_and_delivered() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_id_twice_is_a_duplicate_and_delivered_once() {
-    let (bridge, shop, _erp) = setup("dedupe").await;
+async fn same_id_twice_is_a_duplicate_and_delivered_once(backend: Backend) {
+    let (bridge, shop, _erp) = setup(backend, "dedupe").await;
     let change = json!({"id": "dup-1", "type": "Catalog.X", "ref": "x-1", "data": {"v": 1}});
     let (s1, a1) = bridge.post_json("central", "central-secret", &change).await;
     assert_eq!(s1, 202, "{a1}");
@@ -289,16 +286,13 @@ async fn same_id_twice_is_a_duplicate_and_delivered_once() {
     assert_eq!(shop.count(), 2, "each id delivered once");
     // An id another request is still publishing (its key reserved, not yet confirmed) is
     // not answered "duplicate" (that request may still fail): it is rejected, to retry.
-    let mut redis = redis_conn().await;
-    let key = format!("{}:d:central:in-flight-1", bridge.prefix);
-    let _: () = deadpool_redis::redis::cmd("SET")
-        .arg(&key)
-        .arg("p")
-        .arg("EX")
-        .arg(60)
-        .query_async(&mut redis)
+    let reserved = bridge
+        .state()
+        .store
+        .admit("central", &["in-flight-1"], 0)
         .await
-        .unwrap();
+        .expect("store answers");
+    assert_eq!(reserved.ids, [lxbridge::store::IdState::Fresh]);
     let change = json!({"id": "in-flight-1", "type": "Catalog.X", "ref": "x-3", "data": {}});
     let (status, answer) = bridge.post_json("central", "central-secret", &change).await;
     assert_eq!(status, 422, "{answer}");
@@ -312,9 +306,8 @@ async fn same_id_twice_is_a_duplicate_and_delivered_once() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn updates_to_one_object_never_end_older_than_the_last_accepted() {
-    let (bridge, shop, _erp) = setup("order").await;
+async fn updates_to_one_object_never_end_older_than_the_last_accepted(backend: Backend) {
+    let (bridge, shop, _erp) = setup(backend, "order").await;
     // Slow the target a little so updates queue up behind each other.
     shop.inner
         .delay_ms
@@ -371,9 +364,8 @@ async fn updates_to_one_object_never_end_older_than_the_last_accepted() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_change_error_retries_then_delivers_and_others_go_once() {
-    let (bridge, shop, _erp) = setup("retry").await;
+async fn per_change_error_retries_then_delivers_and_others_go_once(backend: Backend) {
+    let (bridge, shop, _erp) = setup(backend, "retry").await;
     let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let f = failures.clone();
     shop.set_verdict(move |c| {
@@ -433,8 +425,7 @@ async fn per_change_error_retries_then_delivers_and_others_go_once() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_is_bounded_and_status_keys_expire() {
+async fn history_is_bounded_and_status_keys_expire(backend: Backend) {
     let shop = Target::start().await;
     let erp = Target::start().await;
     let template = CONFIG
@@ -444,7 +435,7 @@ async fn history_is_bounded_and_status_keys_expire() {
             "redis_url = \"{redis}\"\n",
             "redis_url = \"{redis}\"\nhistory_max = 3\nretention = \"1h\"\n",
         );
-    let bridge = Bridge::start("bounded", &template).await;
+    let bridge = Bridge::start(backend, "bounded", &template).await;
     for v in 0..5 {
         let change = json!({"type": "Document.Invoice", "ref": "inv-b", "data": {"v": v}});
         assert_eq!(
@@ -457,7 +448,16 @@ async fn history_is_bounded_and_status_keys_expire() {
         let want = v + 1;
         eventually(WAIT, "update delivered", || erp.count() == want).await;
     }
-    let (_, object) = bridge.admin_get("/api/v1/objects/inv-b").await;
+    // The target has the last update; its `delivered` is recorded once the answer is in.
+    let start = std::time::Instant::now();
+    let object = loop {
+        let (_, object) = bridge.admin_get("/api/v1/objects/inv-b").await;
+        let last = object["history"].as_array().and_then(|h| h.last().cloned());
+        if last.is_some_and(|e| e["event"] == "delivered") || start.elapsed() > WAIT {
+            break object;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let history = object["history"].as_array().unwrap();
     assert_eq!(
         history.len(),
@@ -465,20 +465,54 @@ async fn history_is_bounded_and_status_keys_expire() {
         "history_max = 3 keeps the last 3 events: {object}"
     );
     assert_eq!(history[2]["event"], "delivered");
-    let mut redis = redis_conn().await;
-    for key in [
-        format!("{}:h:{{inv-b}}", bridge.prefix),
-        format!("{}:o:{{inv-b}}", bridge.prefix),
-    ] {
-        let ttl: i64 = deadpool_redis::redis::cmd("TTL")
-            .arg(&key)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        assert!(
-            ttl > 3500 && ttl <= 3600,
-            "{key} expires within the 1h retention: ttl {ttl}"
-        );
+    match backend {
+        Backend::Rabbit => {
+            let mut redis = redis_conn().await;
+            for key in [
+                format!("{}:h:{{inv-b}}", bridge.prefix),
+                format!("{}:o:{{inv-b}}", bridge.prefix),
+            ] {
+                let ttl: i64 = deadpool_redis::redis::cmd("TTL")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                assert!(
+                    ttl > 3500 && ttl <= 3600,
+                    "{key} expires within the 1h retention: ttl {ttl}"
+                );
+            }
+        }
+        Backend::Embedded => {
+            let mut bridge = bridge;
+            bridge.stop().await;
+            let db =
+                rusqlite::Connection::open(lxbridge::embedded::db_path(&bridge.config.data_dir()))
+                    .unwrap();
+            let expires: i64 = db
+                .query_row("SELECT expires FROM objects WHERE ref = 'inv-b'", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            let ttl = (expires - lxbridge::store::unix_ms_now()) / 1000;
+            assert!(
+                ttl > 3500 && ttl <= 3600,
+                "inv-b expires within the 1h retention: ttl {ttl}"
+            );
+            drop(db);
+            bridge.finish().await;
+            return;
+        }
     }
     bridge.finish().await;
 }
+
+both_backends!(
+    change_fans_out_to_routed_targets_only_with_the_contract_body,
+    thousand_changes_in_one_gzip_ndjson_batch_arrive_exactly_once,
+    xdto_forms_are_normalised_and_delivered,
+    same_id_twice_is_a_duplicate_and_delivered_once,
+    updates_to_one_object_never_end_older_than_the_last_accepted,
+    per_change_error_retries_then_delivers_and_others_go_once,
+    history_is_bounded_and_status_keys_expire,
+);

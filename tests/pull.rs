@@ -105,9 +105,8 @@ fn ids(message: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_receives_everything_through_inbox_and_ack_with_lease_and_numbering() {
-    let bridge = Bridge::start("pull", &config("1s")).await;
+async fn node_receives_everything_through_inbox_and_ack_with_lease_and_numbering(backend: Backend) {
+    let bridge = Bridge::start(backend, "pull", &config("1s")).await;
     let node = Node::new(&format!("http://{}", bridge.addr));
     // Nothing there: the poll waits, then answers an empty message.
     let started = Instant::now();
@@ -211,9 +210,10 @@ async fn node_receives_everything_through_inbox_and_ack_with_lease_and_numbering
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_change_error_in_an_ack_retries_then_dead_letters_and_the_rest_are_done() {
-    let bridge = Bridge::start("pullerr", &config("60s")).await;
+async fn per_change_error_in_an_ack_retries_then_dead_letters_and_the_rest_are_done(
+    backend: Backend,
+) {
+    let bridge = Bridge::start(backend, "pullerr", &config("60s")).await;
     let node = Node::new(&format!("http://{}", bridge.addr));
     assert_eq!(
         bridge
@@ -274,9 +274,8 @@ async fn per_change_error_in_an_ack_retries_then_dead_letters_and_the_rest_are_d
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_concurrent_pollers_never_get_one_change_in_two_messages() {
-    let bridge = Bridge::start("pull2", &config("60s")).await;
+async fn two_concurrent_pollers_never_get_one_change_in_two_messages(backend: Backend) {
+    let bridge = Bridge::start(backend, "pull2", &config("60s")).await;
     let base = format!("http://{}", bridge.addr);
     assert_eq!(
         bridge
@@ -324,15 +323,14 @@ async fn two_concurrent_pollers_never_get_one_change_in_two_messages() {
 
 /// lxbridge stopped between poll and ack, by SIGTERM and by kill -9: nothing is lost and
 /// nothing confirmed comes again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_between_poll_and_ack_loses_nothing() {
+async fn restart_between_poll_and_ack_loses_nothing(backend: Backend) {
     let prefix = unique_prefix("pullrestart");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let text = render(&config("60s"), &prefix, AMQP_URL)
+    let text = render(backend, &config("60s"), &prefix, AMQP_URL)
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let path = std::env::temp_dir().join(format!("{prefix}.toml"));
     std::fs::write(&path, &text).unwrap();
@@ -426,3 +424,10 @@ async fn restart_between_poll_and_ack_loses_nothing() {
     let _ = std::fs::remove_file(&path);
     cleanup(&parsed).await;
 }
+
+both_backends!(
+    node_receives_everything_through_inbox_and_ack_with_lease_and_numbering,
+    per_change_error_in_an_ack_retries_then_dead_letters_and_the_rest_are_done,
+    two_concurrent_pollers_never_get_one_change_in_two_messages,
+    restart_between_poll_and_ack_loses_nothing,
+);

@@ -31,8 +31,7 @@ name = "central"
 token = "central-secret"
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_targets_receive_exactly_their_shapes() {
+async fn two_targets_receive_exactly_their_shapes(backend: Backend) {
     let site = Target::start().await;
     let erp = Target::start().await;
     let config = format!(
@@ -70,7 +69,7 @@ values = {{ "Статус" = {{ "КОтгрузке" = "ready" }} }}
         site = site.url(),
         erp = erp.url()
     );
-    let bridge = Bridge::start("shapes", &config).await;
+    let bridge = Bridge::start(backend, "shapes", &config).await;
     let (s, body) = admin(
         &bridge,
         reqwest::Method::PUT,
@@ -148,8 +147,7 @@ values = {{ "Статус" = {{ "КОтгрузке" = "ready" }} }}
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_and_endless_scripts_dead_letter_while_others_flow() {
+async fn failing_and_endless_scripts_dead_letter_while_others_flow(backend: Backend) {
     let target = Target::start().await;
     let config = format!(
         r#"{BASE}
@@ -171,7 +169,7 @@ change
 "#,
         url = target.url()
     );
-    let bridge = Bridge::start("script", &config).await;
+    let bridge = Bridge::start(backend, "script", &config).await;
     let before = rss_kb();
     let items = json!([
         {"id": "t-1", "type": "Catalog.X", "ref": "throws", "data": {}},
@@ -265,15 +263,14 @@ fn order_referring_to_counterparty() -> Value {
     order
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_wait_a_document_arrives_only_after_its_counterparty() {
+async fn with_wait_a_document_arrives_only_after_its_counterparty(backend: Backend) {
     let erp = Target::start().await;
     let config = wait_config(
         &erp.url(),
         "wait",
         r#"delays = ["300ms", "300ms", "300ms", "300ms", "300ms"]"#,
     );
-    let bridge = Bridge::start("waitrefs", &config).await;
+    let bridge = Bridge::start(backend, "waitrefs", &config).await;
     let (status, _) = bridge
         .post_json(
             "central",
@@ -365,10 +362,10 @@ async fn with_wait_a_document_arrives_only_after_its_counterparty() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_ignore_a_document_is_delivered_at_once() {
+async fn with_ignore_a_document_is_delivered_at_once(backend: Backend) {
     let erp = Target::start().await;
     let bridge = Bridge::start(
+        backend,
         "ignorerefs",
         &wait_config(&erp.url(), "ignore", r#"delays = ["100ms"]"#),
     )
@@ -388,11 +385,11 @@ async fn with_ignore_a_document_is_delivered_at_once() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_ref_from_the_answer_rewrites_later_references() {
+async fn target_ref_from_the_answer_rewrites_later_references(backend: Backend) {
     let erp = Target::start().await;
     erp.set_target_ref(|c| (c["type"] == "Catalog.Контрагенты").then(|| "ERP-777".to_string()));
     let bridge = Bridge::start(
+        backend,
         "learnref",
         &wait_config(&erp.url(), "ignore", r#"delays = ["100ms"]"#),
     )
@@ -449,8 +446,7 @@ async fn target_ref_from_the_answer_rewrites_later_references() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_match_rule_maps_an_object_known_under_another_ref() {
+async fn key_match_rule_maps_an_object_known_under_another_ref(backend: Backend) {
     let erp = Target::start().await;
     // The target knows the counterparty with ИНН 7701234567 as ERP-1 (it answers so once).
     erp.set_target_ref(|c| {
@@ -460,7 +456,7 @@ async fn key_match_rule_maps_an_object_known_under_another_ref() {
         r#"[route.mapping.types."Document.ЗаказКлиента"]"#,
         "[route.mapping.types.\"Catalog.Контрагенты\"]\nkey = \"ИНН\"\n[route.mapping.types.\"Document.ЗаказКлиента\"]",
     );
-    let bridge = Bridge::start("keymatch", &config).await;
+    let bridge = Bridge::start(backend, "keymatch", &config).await;
     assert_eq!(
         bridge
             .post_json(
@@ -509,8 +505,7 @@ async fn key_match_rule_maps_an_object_known_under_another_ref() {
     bridge.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_counts_only_references_to_types_routed_to_the_target() {
+async fn wait_counts_only_references_to_types_routed_to_the_target(backend: Backend) {
     let erp = Target::start().await;
     // Proposals (Основание) are not routed to erp: the order must not wait for one.
     let config = wait_config(
@@ -522,7 +517,7 @@ async fn wait_counts_only_references_to_types_routed_to_the_target() {
         "to = [\"erp\"]\n",
         "to = [\"erp\"]\ntypes = [\"Catalog.*\", \"Document.ЗаказКлиента\"]\n",
     );
-    let bridge = Bridge::start("waitrouted", &config).await;
+    let bridge = Bridge::start(backend, "waitrouted", &config).await;
     let mut order = fixture("document-order.json");
     order["#value"].as_object_mut().unwrap().remove("Товары");
     assert!(order["#value"]["Основание"]["#type"]
@@ -558,3 +553,13 @@ async fn wait_counts_only_references_to_types_routed_to_the_target() {
     assert_eq!(erp.received()[1].change["type"], "Document.ЗаказКлиента");
     bridge.finish().await;
 }
+
+both_backends!(
+    two_targets_receive_exactly_their_shapes,
+    failing_and_endless_scripts_dead_letter_while_others_flow,
+    with_wait_a_document_arrives_only_after_its_counterparty,
+    with_ignore_a_document_is_delivered_at_once,
+    target_ref_from_the_answer_rewrites_later_references,
+    key_match_rule_maps_an_object_known_under_another_ref,
+    wait_counts_only_references_to_types_routed_to_the_target,
+);

@@ -8,7 +8,9 @@
 //! seconds, and the baseline (confirmed persistent publishes to a quorum queue, one consumer,
 //! same N and S) with the ratio bridge/baseline.
 //!
-//! Needs RabbitMQ and Redis (same defaults as lxbridge). See BENCHMARKS.md for the commands.
+//! `--backend embedded` (or `both`) measures lxbridge on its embedded backend too; the
+//! baseline always needs RabbitMQ, and the RabbitMQ backend Redis (same defaults as
+//! lxbridge). See BENCHMARKS.md for the commands.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -77,6 +79,10 @@ struct Args {
     /// Skip the raw-RabbitMQ baseline.
     #[arg(long)]
     no_baseline: bool,
+    /// The lxbridge backend(s) to measure: `rabbitmq`, `embedded`, or `both` (one line each,
+    /// beside the same baseline).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "embedded", "both"])]
+    backend: String,
     /// The lxbridge binary (default: next to lxbench).
     #[arg(long)]
     bridge_bin: Option<String>,
@@ -185,31 +191,44 @@ fn process_usage(pid: u32) -> (f64, f64) {
     (hwm_kb / 1024.0, ticks / 100.0)
 }
 
+/// Where an embedded lxbridge of this run keeps its database.
+fn embedded_dir(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(prefix)
+}
+
+/// The backend sections of a config: RabbitMQ + Redis, or embedded.
+fn backend_toml(prefix: &str, args: &Args) -> String {
+    if args.backend == "embedded" {
+        format!(
+            "[embedded]\ndata_dir = {:?}\n",
+            embedded_dir(prefix).display().to_string()
+        )
+    } else {
+        format!(
+            "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n[store]\nredis_url = \"{}\"\n",
+            args.amqp, args.redis
+        )
+    }
+}
+
 fn bridge_config(prefix: &str, port: u16, sink: &str, args: &Args) -> String {
+    let backend = backend_toml(prefix, args);
     if args.pull_latency {
         return format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n[store]\nredis_url = \"{}\"\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{backend}\
              [[node]]\nname = \"central\"\ntoken = \"bench\"\n[[node]]\nname = \"sink0\"\ntoken = \"x\"\n\
-             deliver = {{ mode = \"pull\", batch_max = 100 }}\n[[route]]\nfrom = \"central\"\nto = [\"sink0\"]\n",
-            args.amqp, args.redis
+             deliver = {{ mode = \"pull\", batch_max = 100 }}\n[[route]]\nfrom = \"central\"\nto = [\"sink0\"]\n"
         );
     }
     let mut toml = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
-[broker]
-url = "{amqp}"
-prefix = "{prefix}"
-[store]
-redis_url = "{redis}"
-[retry]
+{backend}[retry]
 delays = ["1s", "10s"]
 [[node]]
 name = "central"
 token = "bench"
-"#,
-        amqp = args.amqp,
-        redis = args.redis
+"#
     );
     let mut targets = Vec::new();
     for t in 0..args.targets {
@@ -282,6 +301,10 @@ impl Bridge {
 }
 
 async fn cleanup(args: &Args, prefix: &str, targets: usize) {
+    if args.backend == "embedded" {
+        let _ = std::fs::remove_dir_all(embedded_dir(prefix));
+        return;
+    }
     if let Ok(conn) = Connection::connect(&args.amqp, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
@@ -340,7 +363,12 @@ async fn run_bridge(args: &Args) -> Value {
         let me = std::env::current_exe().expect("own path");
         me.with_file_name("lxbridge").display().to_string()
     });
-    let prefix = format!("lxbench-{}-{}", std::process::id(), args.name);
+    let prefix = format!(
+        "lxbench-{}-{}-{}",
+        std::process::id(),
+        args.name,
+        args.backend
+    );
     let epoch = Instant::now();
     let sink = Arc::new(Sink {
         arrivals: (0..args.targets)
@@ -584,23 +612,30 @@ async fn scenario(args: &Args) {
     } else {
         run_baseline(args).await
     };
-    let bridge = run_bridge(args).await;
-    let ratio = match (
-        bridge["delivered_per_s"].as_f64(),
-        baseline["delivered_per_s"].as_f64(),
-    ) {
-        (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
-        _ => Value::Null,
-    };
-    let line = json!({
-        "scenario": args.name,
-        "n": args.n, "size": args.size, "connections": args.connections, "batch": args.batch,
-        "rate": args.rate, "targets": args.targets, "fail_pct": args.fail_pct,
-        "bridge": bridge,
-        "baseline": baseline,
-        "ratio_delivered": ratio,
-    });
-    println!("{line}");
+    for backend in backends(args) {
+        let args = Args {
+            backend: backend.to_string(),
+            ..args.clone()
+        };
+        let bridge = run_bridge(&args).await;
+        let ratio = match (
+            bridge["delivered_per_s"].as_f64(),
+            baseline["delivered_per_s"].as_f64(),
+        ) {
+            (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
+            _ => Value::Null,
+        };
+        let line = json!({
+            "scenario": args.name,
+            "backend": backend,
+            "n": args.n, "size": args.size, "connections": args.connections, "batch": args.batch,
+            "rate": args.rate, "targets": args.targets, "fail_pct": args.fail_pct,
+            "bridge": bridge,
+            "baseline": baseline,
+            "ratio_delivered": ratio,
+        });
+        println!("{line}");
+    }
 }
 
 /// A 10-rule mapping for the 1C customer order fixture.
@@ -687,6 +722,24 @@ fn transform_bench(args: &Args) {
 /// every 20 ms to an otherwise idle bridge. Latency = POST sent → the poll that carries it
 /// returned.
 async fn pull_latency(args: &Args) {
+    for backend in backends(args) {
+        pull_latency_on(&Args {
+            backend: backend.to_string(),
+            ..args.clone()
+        })
+        .await;
+    }
+}
+
+/// The backends `--backend` names, one by one.
+fn backends(args: &Args) -> Vec<&str> {
+    match args.backend.as_str() {
+        "both" => vec!["rabbitmq", "embedded"],
+        one => vec![one],
+    }
+}
+
+async fn pull_latency_on(args: &Args) {
     let bin = args.bridge_bin.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -694,7 +747,7 @@ async fn pull_latency(args: &Args) {
             .display()
             .to_string()
     });
-    let prefix = format!("lxbench-{}-pull", std::process::id());
+    let prefix = format!("lxbench-{}-pull-{}", std::process::id(), args.backend);
     let bridge = Bridge::start(&bin, &prefix, "", args).await;
     let client = reqwest::Client::new();
     let n = args.n.min(2_000);
@@ -766,7 +819,7 @@ async fn pull_latency(args: &Args) {
     cleanup(args, &prefix, 1).await;
     println!(
         "{}",
-        json!({"scenario": "pull-latency", "n": n, "received": latencies.len(),
+        json!({"scenario": "pull-latency", "backend": args.backend, "n": n, "received": latencies.len(),
                "post_to_poll_return_ms": {"p50": round3(percentile(&latencies, 0.5)), "p99": round3(percentile(&latencies, 0.99)), "max": round3(latencies.last().copied().unwrap_or(0.0))}})
     );
 }

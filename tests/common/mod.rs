@@ -1,6 +1,10 @@
-//! Test harness: a real lxbridge on port 0 against the real RabbitMQ and Redis, under a
-//! unique broker prefix per test; a real HTTP target server that records what it received
-//! and can be told to fail; a TCP proxy that cuts connections (the Toxiproxy idea).
+//! Test harness: a real lxbridge on port 0, on either backend: the real RabbitMQ and Redis
+//! under a unique broker prefix per test, or the embedded backend in a data folder of its
+//! own; a real HTTP target server that records what it received and can be told to fail; a
+//! TCP proxy that cuts connections (the Toxiproxy idea).
+//!
+//! [`both_backends!`] turns `async fn test(backend: Backend)` functions into one test per
+//! backend (`rabbitmq::test` and `embedded::test`), so behaviour can't diverge.
 //!
 //! The services must be up: a test that can't reach them fails (it never skips).
 #![allow(dead_code)]
@@ -21,6 +25,44 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+
+/// Which backend a test runs lxbridge on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// RabbitMQ + Redis.
+    Rabbit,
+    /// The embedded SQLite backend.
+    Embedded,
+}
+
+/// `both_backends!(a, b)`: tests `rabbitmq::a`, `embedded::a`, … each calling
+/// `a(Backend::…)` on a two-thread runtime.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Rabbit).await
+                }
+            )+
+        }
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Embedded).await
+                }
+            )+
+        }
+    };
+}
+
+/// The embedded backend's data folder for a prefix (kept across restarts in one test).
+pub fn data_dir(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join("lxbridge-tests").join(prefix)
+}
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -234,22 +276,49 @@ pub struct Bridge {
     running: Option<lxbridge::app::Running>,
 }
 
-/// Replaces `{prefix}`, `{amqp}` and `{redis}` in a config template.
-pub fn render(template: &str, prefix: &str, amqp: &str) -> String {
-    template
-        .replace("{prefix}", prefix)
-        .replace("{amqp}", amqp)
-        .replace("{redis}", REDIS_URL)
+/// A config template for a backend: `{prefix}`, `{amqp}` and `{redis}` replaced (RabbitMQ),
+/// or the lines holding them dropped and an `[embedded]` section in [`data_dir`] added.
+pub fn render(backend: Backend, template: &str, prefix: &str, amqp: &str) -> String {
+    match backend {
+        Backend::Rabbit => template
+            .replace("{prefix}", prefix)
+            .replace("{amqp}", amqp)
+            .replace("{redis}", REDIS_URL),
+        Backend::Embedded => {
+            let mut text: String = template
+                .lines()
+                .filter(|l| {
+                    let l = l.trim();
+                    l != "[broker]"
+                        && !l.contains("{amqp}")
+                        && !l.contains("{redis}")
+                        && !l.contains("{prefix}")
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            text.push_str(&format!(
+                "\n[embedded]\ndata_dir = {:?}\n",
+                data_dir(prefix).display().to_string()
+            ));
+            text
+        }
+    }
 }
 
 impl Bridge {
     /// Starts lxbridge with a config template and waits until it is ready.
-    pub async fn start(name: &str, template: &str) -> Bridge {
-        Self::start_with(&unique_prefix(name), template, AMQP_URL, true).await
+    pub async fn start(backend: Backend, name: &str, template: &str) -> Bridge {
+        Self::start_with(backend, &unique_prefix(name), template, AMQP_URL, true).await
     }
 
-    pub async fn start_with(prefix: &str, template: &str, amqp: &str, wait_ready: bool) -> Bridge {
-        let text = render(template, prefix, amqp);
+    pub async fn start_with(
+        backend: Backend,
+        prefix: &str,
+        template: &str,
+        amqp: &str,
+        wait_ready: bool,
+    ) -> Bridge {
+        let text = render(backend, template, prefix, amqp);
         let config =
             lxbridge::config::Config::parse(&text, "test config").expect("test config parses");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -402,16 +471,50 @@ impl Bridge {
         }
     }
 
-    /// Stops lxbridge and removes its queues, exchanges and Redis keys.
+    /// Stops lxbridge and removes its queues, exchanges and Redis keys (or its data folder).
     pub async fn finish(mut self) {
         self.stop().await;
         cleanup(&self.config).await;
     }
+
+    /// The running lxbridge's shared state (its broker and store), for what the HTTP API
+    /// can't set up.
+    pub fn state(&self) -> &Arc<lxbridge::AppState> {
+        &self.running.as_ref().expect("lxbridge is running").state
+    }
+
+    /// The number of changes in a target's DLQ: RabbitMQ's own count of the queue, or (the
+    /// embedded backend's database being locked by the running lxbridge) the admin API's.
+    pub async fn dlq_len(&self, target: &str) -> u64 {
+        match self.config.backend {
+            lxbridge::config::Backend::Rabbit => {
+                u64::from(queue_len(&format!("{}.dlq.{target}", self.prefix)).await)
+            }
+            lxbridge::config::Backend::Embedded => {
+                let (status, body) = self
+                    .admin_get(&format!("/api/v1/dlq/{target}?limit=1"))
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                body["count"].as_u64().expect("DLQ count")
+            }
+        }
+    }
 }
 
-/// Deletes everything a config's prefix created in RabbitMQ and Redis.
+/// Deletes everything a config created: its prefix in RabbitMQ and Redis, or the embedded
+/// backend's data folder.
 pub async fn cleanup(config: &lxbridge::config::Config) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    if config.backend == lxbridge::config::Backend::Embedded {
+        let dir = config.data_dir();
+        assert!(
+            dir.starts_with(std::env::temp_dir().join("lxbridge-tests")),
+            "a test's data_dir lives under the temp folder: {}",
+            dir.display()
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
     let prefix = &config.broker.prefix;
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
         .await
