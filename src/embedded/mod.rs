@@ -140,23 +140,28 @@ impl Db {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", data_dir.display())))?;
         let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
-        conn.execute_batch(
-            "PRAGMA locking_mode = EXCLUSIVE;
-             PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             PRAGMA foreign_keys = OFF;
-             PRAGMA cache_size = -32768;",
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        // The first write takes the exclusive lock, and keeps it while lxbridge runs.
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
-            .map_err(|e| {
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
-                    fail("it is in use by another process (is another lxbridge running with this data_dir?)".into())
-                } else {
-                    fail(e.to_string())
-                }
-            })?;
+        // Nothing else may use the file: fail at once rather than wait for a lock.
+        let setup = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::ZERO)?;
+            conn.execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE;
+                 PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA cache_size = -32768;",
+            )?;
+            // The first write takes the exclusive lock, kept while lxbridge runs.
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+        };
+        setup(&conn).map_err(|e| {
+            if matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ) {
+                fail("it is in use by another process (is another lxbridge running with this data_dir?)".into())
+            } else {
+                fail(e.to_string())
+            }
+        })?;
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("lxbridge-db".into())
