@@ -291,7 +291,15 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         }
         info!("lxbridge stopped");
     });
-    info!(%addr, "lxbridge listening");
+    match config.backend {
+        Backend::Rabbit => info!(%addr, backend = "rabbitmq+redis", "lxbridge listening"),
+        Backend::Embedded => info!(
+            %addr,
+            backend = "embedded",
+            data_dir = %config.data_dir().display(),
+            "lxbridge listening"
+        ),
+    }
     Ok(Running {
         addr,
         state,
