@@ -121,10 +121,35 @@ types = ["Catalog.*"]
 }
 
 #[test]
-fn validate_accepts_the_example_config() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lxbridge.example.toml");
-    let out = lxbridge(&["validate", "--config", example]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+fn validate_accepts_the_example_configs() {
+    for example in [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/lxbridge.example.toml"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/lxbridge.embedded.toml"),
+    ] {
+        let out = lxbridge(&["validate", "--config", example]);
+        assert_eq!(out.status.code(), Some(0), "{example}: {}", describe(&out));
+    }
+}
+
+#[test]
+fn embedded_and_rabbitmq_sections_together_are_refused() {
+    let dir = std::env::temp_dir().join(format!("lxbridge-both-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("both.toml");
+    std::fs::write(
+        &path,
+        "[broker]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[embedded]\ndata_dir = \"x\"\n\
+         [[node]]\nname = \"a\"\ntoken = \"t\"\n",
+    )
+    .unwrap();
+    let out = lxbridge(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", describe(&out));
+    assert!(
+        describe(&out).contains("choose one backend"),
+        "{}",
+        describe(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
