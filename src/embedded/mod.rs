@@ -147,7 +147,8 @@ impl Db {
                 "PRAGMA locking_mode = EXCLUSIVE;
                  PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA cache_size = -32768;",
+                 PRAGMA cache_size = -32768;
+                 PRAGMA wal_autocheckpoint = 16384;",
             )?;
             // The first write takes the exclusive lock, kept while lxbridge runs.
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
