@@ -128,6 +128,53 @@ pub trait Broker: Send + Sync + 'static {
         &'a self,
         target: &'a str,
     ) -> BoxFuture<'a, Result<(u32, u32), BrokerError>>;
+    /// Copies of every message held for the target (its delivery queue, its retry steps,
+    /// its DLQ), in that order, each queue in its own order; nothing is taken or changed.
+    /// For `lxbridge export`: lxbridge must be stopped (a running one holds prefetched
+    /// messages that no one else can see).
+    fn export<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<Vec<Held>, BrokerError>>;
+    /// Adds messages for the target, in order: `Deliver` and `Retry` ones at the end of its
+    /// delivery queue (a retry is due at once) with their attempt, first failure and
+    /// `alone`; `Dlq` ones to its DLQ with their facts. For `lxbridge import`.
+    fn import<'a>(
+        &'a self,
+        target: &'a str,
+        held: Vec<Held>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+}
+
+/// Where a [`Held`] message waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldIn {
+    /// The target's delivery queue.
+    Deliver,
+    /// One of the target's retry steps.
+    Retry,
+    /// The target's DLQ, with the facts the admin API lists.
+    Dlq {
+        source: String,
+        kind: String,
+        reference: String,
+        dead_at_ms: i64,
+    },
+}
+
+/// A message a backend holds for a target, as `lxbridge export` writes it and
+/// `lxbridge import` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub queue: HeldIn,
+    /// The attempt it is delivered as next (`Deliver`, `Retry`: 1 or more); in the DLQ,
+    /// the attempts made.
+    pub attempt: u32,
+    pub first_failed_ms: Option<i64>,
+    /// Its last failure took its whole batch down: deliver it in a batch of its own.
+    pub alone: bool,
+    /// Its last error, when the backend keeps one.
+    pub error: Option<String>,
+    /// The message body, byte for byte (an lxbridge envelope, unless it is an unreadable
+    /// message in the DLQ).
+    pub body: Vec<u8>,
 }
 
 /// A dead change as the admin API lists it.
@@ -318,14 +365,105 @@ fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
 }
 
 fn header_str(props: &BasicProperties, name: &str) -> String {
+    header_opt_str(props, name).unwrap_or_default()
+}
+
+fn header_opt_str(props: &BasicProperties, name: &str) -> Option<String> {
     let value = props
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get(name).cloned());
     match value {
-        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
-        _ => String::new(),
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn header_alone(props: &BasicProperties) -> bool {
+    props
+        .headers()
+        .as_ref()
+        .is_some_and(|h| matches!(h.inner().get(H_ALONE), Some(AMQPValue::Boolean(true))))
+}
+
+/// A message of a delivery or retry queue as a [`Held`] (its headers as the consumer reads
+/// them).
+fn held_waiting(delivery: &lapin::message::Delivery, queue: HeldIn) -> Held {
+    let p = &delivery.properties;
+    Held {
+        queue,
+        attempt: header_i64(p, H_ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1)
+            .max(1),
+        first_failed_ms: header_i64(p, H_FIRST_FAILED),
+        alone: header_alone(p),
+        error: header_opt_str(p, H_ERROR),
+        body: delivery.data.clone(),
+    }
+}
+
+/// A DLQ message as a [`Held`] (its facts as [`dead_item`] reads them).
+fn held_dead(delivery: &lapin::message::Delivery) -> Held {
+    let p = &delivery.properties;
+    Held {
+        queue: HeldIn::Dlq {
+            source: header_str(p, "x-lx-source"),
+            kind: header_str(p, "x-lx-type"),
+            reference: header_str(p, "x-lx-ref"),
+            dead_at_ms: header_i64(p, H_LAST_FAILED).unwrap_or(0),
+        },
+        attempt: header_i64(p, "x-lx-attempts")
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0),
+        first_failed_ms: header_i64(p, H_FIRST_FAILED),
+        alone: false,
+        error: Some(header_str(p, H_ERROR)),
+        body: delivery.data.clone(),
+    }
+}
+
+/// The headers that carry a [`Held`] message's facts, and the queue it goes to.
+fn held_headers(names: &Names, target: &str, held: &Held) -> (String, FieldTable) {
+    let mut headers = FieldTable::default();
+    if let Some(error) = &held.error {
+        headers.insert(H_ERROR.into(), long_string(error));
+    }
+    match &held.queue {
+        HeldIn::Deliver | HeldIn::Retry => {
+            headers.insert(
+                H_ATTEMPT.into(),
+                AMQPValue::LongLongInt(i64::from(held.attempt)),
+            );
+            if let Some(first) = held.first_failed_ms {
+                headers.insert(H_FIRST_FAILED.into(), AMQPValue::LongLongInt(first));
+            }
+            if held.alone {
+                headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
+            }
+            (names.deliver(target), headers)
+        }
+        HeldIn::Dlq {
+            source,
+            kind,
+            reference,
+            dead_at_ms,
+        } => {
+            headers.insert(
+                H_FIRST_FAILED.into(),
+                AMQPValue::LongLongInt(held.first_failed_ms.unwrap_or(*dead_at_ms)),
+            );
+            headers.insert(H_LAST_FAILED.into(), AMQPValue::LongLongInt(*dead_at_ms));
+            headers.insert(
+                "x-lx-attempts".into(),
+                AMQPValue::LongLongInt(i64::from(held.attempt)),
+            );
+            headers.insert("x-lx-source".into(), long_string(source));
+            headers.insert("x-lx-type".into(), long_string(kind));
+            headers.insert("x-lx-ref".into(), long_string(reference));
+            (names.dlq(target), headers)
+        }
     }
 }
 
@@ -641,9 +779,7 @@ impl RabbitBroker {
                         let incoming = Incoming {
                             attempt,
                             first_failed_ms: header_i64(&delivery.properties, H_FIRST_FAILED),
-                            alone: delivery.properties.headers().as_ref().is_some_and(|h| {
-                                matches!(h.inner().get(H_ALONE), Some(AMQPValue::Boolean(true)))
-                            }),
+                            alone: header_alone(&delivery.properties),
                             handle: AckHandle::Rabbit(delivery.acker),
                             body: delivery.data,
                         };
@@ -738,18 +874,117 @@ impl RabbitBroker {
     }
 
     async fn passive_count(&self, ch: &Channel, queue: &str) -> Result<u32, BrokerError> {
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::Topology(format!("queue {queue}: {e}")))?;
-        Ok(q.message_count())
+        Ok(self.passive(ch, queue).await?.message_count())
+    }
+
+    async fn passive(&self, ch: &Channel, queue: &str) -> Result<lapin::Queue, BrokerError> {
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::Topology(format!("queue {queue}: {e}")))
+    }
+
+    /// Takes every ready message of `queue` on `ch`, unacked: they stay held by the channel
+    /// until it closes, and then go back to the queue.
+    async fn get_all(
+        &self,
+        ch: &Channel,
+        queue: &str,
+    ) -> Result<Vec<lapin::message::Delivery>, BrokerError> {
+        let mut got = Vec::new();
+        loop {
+            match ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+            {
+                Ok(Some(message)) => got.push(message.delivery),
+                Ok(None) => return Ok(got),
+                Err(e) => return Err(self.lost(e)),
+            }
+        }
+    }
+
+    async fn export_on(&self, ch: &Channel, target: &str) -> Result<Vec<Held>, BrokerError> {
+        let names = &self.topology.names;
+        let deliver = names.deliver(target);
+        let consumers = self.passive(ch, &deliver).await?.consumer_count();
+        if consumers > 0 {
+            return Err(BrokerError::Unavailable(format!(
+                "queue {deliver} has {consumers} consumer(s): stop lxbridge before exporting \
+                 (a running lxbridge holds the changes it has prefetched, which export cannot see)"
+            )));
+        }
+        // The retry steps first: a message held here can no longer expire into the delivery
+        // queue, and one that expired before is read there next.
+        let mut retry = Vec::new();
+        for step in 1..=self.topology.retry_delays.len() {
+            for d in self.get_all(ch, &names.retry(target, step)).await? {
+                retry.push(held_waiting(&d, HeldIn::Retry));
+            }
+        }
+        let mut held: Vec<Held> = self
+            .get_all(ch, &deliver)
+            .await?
+            .iter()
+            .map(|d| held_waiting(d, HeldIn::Deliver))
+            .collect();
+        held.append(&mut retry);
+        for d in self.get_all(ch, &names.dlq(target)).await? {
+            held.push(held_dead(&d));
+        }
+        Ok(held)
+    }
+
+    async fn import_on(
+        &self,
+        ch: &Channel,
+        target: &str,
+        held: &[Held],
+    ) -> Result<(), BrokerError> {
+        let mut confirms = Vec::with_capacity(held.len());
+        for h in held {
+            let (queue, headers) = held_headers(&self.topology.names, target, h);
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_headers(headers);
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &h.body,
+                    props,
+                )
+                .await
+                .map_err(|e| self.lost(e))?;
+            confirms.push((queue, confirm));
+        }
+        for (queue, confirm) in confirms {
+            match confirm.await.map_err(|e| self.lost(e))? {
+                lapin::Confirmation::Ack(None) => {}
+                lapin::Confirmation::Ack(Some(_)) => {
+                    return Err(BrokerError::Topology(format!(
+                        "queue {queue} does not exist"
+                    )))
+                }
+                _ => {
+                    return Err(BrokerError::Unavailable(format!(
+                        "RabbitMQ refused a message for {queue}"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -956,6 +1191,29 @@ impl Broker for RabbitBroker {
             }
             let _ = ch.close(200, "depths".into()).await;
             Ok((dlq, retry))
+        })
+    }
+
+    fn export<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<Vec<Held>, BrokerError>> {
+        Box::pin(async move {
+            // Everything is held unacked on this channel, then returned when it closes.
+            let ch = self.admin_channel().await?;
+            let held = self.export_on(&ch, target).await;
+            let _ = ch.close(200, "exported".into()).await;
+            held
+        })
+    }
+
+    fn import<'a>(
+        &'a self,
+        target: &'a str,
+        held: Vec<Held>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let ch = self.admin_channel().await?;
+            let done = self.import_on(&ch, target, &held).await;
+            let _ = ch.close(200, "imported".into()).await;
+            done
         })
     }
 }

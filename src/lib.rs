@@ -19,6 +19,7 @@ pub mod demo;
 pub mod embedded;
 pub mod ingress;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod route;
 pub mod store;

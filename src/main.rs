@@ -62,6 +62,35 @@ enum Command {
         #[arg(long)]
         exit: bool,
     },
+    /// Copy the changes the backend holds (pending and dead) as JSON lines, for `import`.
+    ///
+    /// One line per message, for every target: waiting in its delivery queue, waiting out a
+    /// retry step, or dead in its DLQ. Nothing is taken or changed. Stop lxbridge first: the
+    /// embedded backend refuses while it runs (its database is locked); on RabbitMQ a running
+    /// lxbridge holds the changes it has prefetched unacked, where export can't see them, so
+    /// export refuses while a delivery queue has a consumer.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Put changes written by `lxbridge export` into the backend (another one, usually).
+    ///
+    /// Every line is checked first; nothing is imported unless all are valid. Then, per
+    /// target, waiting and retrying changes go to the end of its delivery queue (a retry is
+    /// due at once) with their attempt count, and dead ones into its DLQ with their error,
+    /// where `lxbridge dlq list/replay` take them. Prints a summary per target to stderr.
+    /// Statuses, history, idempotency keys, delivery marks, the remap table and inbox
+    /// numbers are not carried.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Read from here instead of stdin.
+        #[arg(long = "in", value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
     /// Print an object's status per target and its history.
     Status {
         #[command(flatten)]
@@ -175,6 +204,14 @@ fn main() -> ExitCode {
             data_dir,
             exit,
         })),
+        Command::Export { config, out } => report(
+            migration(config)
+                .and_then(|(c, rt)| rt.block_on(lxbridge::migrate::export(&c, out.as_deref()))),
+        ),
+        Command::Import { config, input } => report(
+            migration(config)
+                .and_then(|(c, rt)| rt.block_on(lxbridge::migrate::import(&c, input.as_deref()))),
+        ),
         Command::Status { config, reference } => report(admin_call(config, move |c| {
             let path = format!("/api/v1/objects/{}", cli::encode_segment(&reference));
             (c, reqwest::Method::GET, path, None)
@@ -228,6 +265,14 @@ fn transform(args: ConfigArg, route: &str) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// For `export`/`import`: the config and a runtime; only problems are logged (stderr, next
+/// to the summary).
+fn migration(args: ConfigArg) -> anyhow::Result<(Config, tokio::runtime::Runtime)> {
+    let config = Config::load(&args.config)?;
+    init_logging("text", "warn,lapin=warn,lapin::channels=off");
+    Ok((config, runtime()?))
 }
 
 type Call = (Config, reqwest::Method, String, Option<serde_json::Value>);

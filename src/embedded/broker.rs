@@ -10,7 +10,8 @@
 
 use super::{now_ms, Db, DbError};
 use crate::broker::{
-    body_ids, AckHandle, Broker, BrokerError, DeadItem, Failure, Incoming, Outgoing, PublishOutcome,
+    body_ids, AckHandle, Broker, BrokerError, DeadItem, Failure, Held, HeldIn, Incoming, Outgoing,
+    PublishOutcome,
 };
 use crate::config::Config;
 use crate::route::Routes;
@@ -51,6 +52,31 @@ impl EmbeddedBroker {
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Arc<EmbeddedBroker> {
+        let broker = Self::new(db, config, routes, stop, tasks);
+        tasks.spawn(broker.clone().move_due_retries());
+        broker
+    }
+
+    /// The broker without its retry mover, for `lxbridge export`/`import`: it reads and
+    /// writes the tables and moves nothing by itself.
+    pub fn offline(db: Arc<Db>, config: &Config) -> Arc<EmbeddedBroker> {
+        let routes = Arc::new(Routes::from_config(config));
+        Self::new(
+            db,
+            config,
+            routes,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        )
+    }
+
+    fn new(
+        db: Arc<Db>,
+        config: &Config,
+        routes: Arc<Routes>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Arc<EmbeddedBroker> {
         let wake = config
             .nodes
             .iter()
@@ -68,7 +94,6 @@ impl EmbeddedBroker {
             tasks: tasks.clone(),
             consumers: Mutex::new(HashSet::new()),
         });
-        tasks.spawn(broker.clone().move_due_retries());
         broker
     }
 
@@ -498,6 +523,135 @@ impl Broker for EmbeddedBroker {
                 })
                 .await
                 .map_err(unavailable)
+        })
+    }
+
+    fn export<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<Vec<Held>, BrokerError>> {
+        Box::pin(async move {
+            let t = target.to_string();
+            self.db
+                .call(move |c| {
+                    let mut held = c
+                        .prepare_cached(
+                            "SELECT attempt, first_failed, alone, body FROM queue
+                             WHERE target = ?1 ORDER BY id",
+                        )?
+                        .query_map([&t], |r| {
+                            Ok(Held {
+                                queue: HeldIn::Deliver,
+                                attempt: r.get(0)?,
+                                first_failed_ms: r.get(1)?,
+                                alone: r.get(2)?,
+                                error: None,
+                                body: r.get(3)?,
+                            })
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let retry = c
+                        .prepare_cached(
+                            "SELECT attempt, first_failed, alone, error, body FROM retry
+                             WHERE target = ?1 ORDER BY due, id",
+                        )?
+                        .query_map([&t], |r| {
+                            Ok(Held {
+                                queue: HeldIn::Retry,
+                                attempt: r.get(0)?,
+                                first_failed_ms: r.get(1)?,
+                                alone: r.get(2)?,
+                                error: Some(r.get(3)?),
+                                body: r.get(4)?,
+                            })
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    held.extend(retry);
+                    let dead = c
+                        .prepare_cached(
+                            "SELECT source, type, ref, dead_at, attempts, first_failed, error, body
+                             FROM dlq WHERE target = ?1 ORDER BY id",
+                        )?
+                        .query_map([&t], |r| {
+                            Ok(Held {
+                                queue: HeldIn::Dlq {
+                                    source: r.get(0)?,
+                                    kind: r.get(1)?,
+                                    reference: r.get(2)?,
+                                    dead_at_ms: r.get(3)?,
+                                },
+                                attempt: r.get(4)?,
+                                first_failed_ms: r.get(5)?,
+                                alone: false,
+                                error: Some(r.get(6)?),
+                                body: r.get(7)?,
+                            })
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    held.extend(dead);
+                    Ok(held)
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn import<'a>(
+        &'a self,
+        target: &'a str,
+        held: Vec<Held>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let t = target.to_string();
+            // One call: all of the target's messages are imported, or none.
+            self.db
+                .call(move |c| {
+                    for h in held {
+                        match h.queue {
+                            HeldIn::Deliver | HeldIn::Retry => {
+                                c.prepare_cached(
+                                    "INSERT INTO queue (target, attempt, first_failed, alone, body)
+                                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                                )?
+                                .execute(params![
+                                    t,
+                                    h.attempt,
+                                    h.first_failed_ms,
+                                    h.alone,
+                                    h.body
+                                ])?;
+                            }
+                            HeldIn::Dlq {
+                                source,
+                                kind,
+                                reference,
+                                dead_at_ms,
+                            } => {
+                                let (id, seq) = body_ids(&h.body);
+                                c.prepare_cached(
+                                    "INSERT INTO dlq (target, change_id, seq, type, ref, source,
+                                         attempts, error, first_failed, dead_at, body)
+                                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                )?
+                                .execute(params![
+                                    t,
+                                    id,
+                                    seq,
+                                    kind,
+                                    reference,
+                                    source,
+                                    h.attempt,
+                                    h.error.unwrap_or_default(),
+                                    h.first_failed_ms.unwrap_or(dead_at_ms),
+                                    dead_at_ms,
+                                    h.body
+                                ])?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(unavailable)?;
+            self.wake(target);
+            Ok(())
         })
     }
 }
