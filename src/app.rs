@@ -215,6 +215,16 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         }
     };
 
+    let core = |name: &str, deliver: &DeliverConfig| -> Result<Core, AppError> {
+        Ok(Core {
+            name: name.to_string(),
+            broker: broker.clone(),
+            store: store.clone(),
+            metrics: metrics.target(name),
+            shaping: shaping(&config, name, deliver)?,
+            group: routes.group_of(name).cloned(),
+        })
+    };
     let mut inboxes = HashMap::new();
     for node in &config.nodes {
         let Some(deliver) = node
@@ -224,26 +234,16 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         else {
             continue;
         };
-        let core = Core {
-            name: node.name.clone(),
-            broker: broker.clone(),
-            store: store.clone(),
-            metrics: metrics.target(&node.name),
-            shaping: shaping(&config, &node.name, deliver)?,
-        };
-        let inbox = Inbox::new(core, deliver.batch_max, deliver.lease.0);
+        let inbox = Inbox::new(
+            core(&node.name, deliver)?,
+            deliver.batch_max,
+            deliver.lease.0,
+        );
         inbox.start(shutdown.clone(), &delivery_tasks);
         inboxes.insert(node.name.clone(), inbox);
     }
     for (node, deliver) in config.push_targets() {
-        let target = PushTarget::new(
-            &node.name,
-            deliver,
-            broker.clone(),
-            store.clone(),
-            metrics.target(&node.name),
-            shaping(&config, &node.name, deliver)?,
-        )?;
+        let target = PushTarget::new(deliver, core(&node.name, deliver)?)?;
         announce(&target);
         target.start(shutdown.clone(), &delivery_tasks);
     }

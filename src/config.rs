@@ -353,6 +353,14 @@ pub struct GroupConfig {
     pub types: Vec<String>,
     #[serde(default = "default_conflict")]
     pub conflict: String,
+    /// Extension: lxbridge hops a change may make through members that rewrite what they
+    /// receive and send it back, before it is dropped as a loop.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: u32,
+}
+
+fn default_max_hops() -> u32 {
+    10
 }
 
 fn default_conflict() -> String {
@@ -680,11 +688,60 @@ impl Config {
                 problems.extend(mapping_problems);
             }
         }
-        for group in &self.groups {
-            problems.push(format!(
-                "group {:?}: [[group]] (parallel copies) is not supported by this version yet",
-                group.name
-            ));
+        let mut group_of: HashMap<&str, &str> = HashMap::new();
+        let mut group_names = HashSet::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            let at = format!("group {:?}", group.name);
+            if !valid_node_name(&group.name) {
+                problems.push(format!(
+                    "group[{i}].name {:?} must be 1-64 characters of a-z, 0-9, _ or -",
+                    group.name
+                ));
+            }
+            if !group_names.insert(group.name.as_str()) {
+                problems.push(format!("{at}: the name is used twice"));
+            }
+            if group.nodes.len() < 2 {
+                problems.push(format!("{at}: nodes must list at least two nodes"));
+            }
+            let mut seen = HashSet::new();
+            for member in &group.nodes {
+                if !seen.insert(member.as_str()) {
+                    problems.push(format!("{at}: node {member:?} is listed twice"));
+                    continue;
+                }
+                match self.node(member) {
+                    None => problems.push(format!("{at}: unknown node {member:?}")),
+                    Some(n) if n.deliver.is_none() => problems.push(format!(
+                        "{at}: node {member:?} has no [node.deliver]: a member receives the others' changes"
+                    )),
+                    Some(_) => {}
+                }
+                if let Some(other) = group_of.insert(member.as_str(), group.name.as_str()) {
+                    problems.push(format!(
+                        "{at}: node {member:?} is already a member of group {other:?} (a node is in one group at most)"
+                    ));
+                }
+            }
+            if group.types.is_empty() {
+                problems.push(format!(
+                    "{at}: types must not be empty (leave it out for all types)"
+                ));
+            }
+            for pattern in &group.types {
+                if let Some(why) = type_pattern_problem(pattern) {
+                    problems.push(format!("{at}: types pattern {pattern:?} {why}"));
+                }
+            }
+            if !matches!(group.conflict.as_str(), "last_writer_wins" | "priority") {
+                problems.push(format!(
+                    "{at}: conflict {:?} is not \"last_writer_wins\" or \"priority\"",
+                    group.conflict
+                ));
+            }
+            if group.max_hops == 0 {
+                problems.push(format!("{at}: max_hops must be at least 1"));
+            }
         }
         problems
     }

@@ -6,8 +6,9 @@
 //! Invariant: 202 (or 207) is never sent before the broker confirmed every change it
 //! reports as accepted.
 
-use crate::broker::{Outgoing, PublishOutcome};
-use crate::model::{parse_change, Change, Envelope};
+use crate::broker::{Held, HeldIn, Outgoing, PublishOutcome};
+use crate::group::{self, Admit, Candidate};
+use crate::model::{parse_change, Change, Envelope, Op};
 use crate::store::{HistoryEvent, IdState, Record, State as ObjState, StatusUpdate};
 use crate::AppState;
 use axum::body::Body;
@@ -211,6 +212,12 @@ struct ItemResult {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// Extension: why an accepted change of a group member was not passed on (`echo`,
+    /// `conflict`, `loop`, `superseded`), with `detail`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -284,8 +291,18 @@ async fn handle_changes(app: &AppState, node: &str, headers: &HeaderMap, body: B
 enum Fate {
     Rejected(String),
     Duplicate,
-    Publish { targets: Vec<String> },
-    Accepted { targets: Vec<String> },
+    Publish {
+        targets: Vec<String>,
+    },
+    Accepted {
+        targets: Vec<String>,
+    },
+    /// A group member's change its group does not take (`event`: echo, conflict, loop,
+    /// superseded): answered accepted, recorded, not published.
+    Dropped {
+        event: &'static str,
+        detail: String,
+    },
 }
 
 async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) -> Response {
@@ -400,6 +417,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
             seq,
             ts: change.ts.as_deref(),
             accepted_ms,
+            initial: change.initial,
         };
         let body = serde_json::to_vec(&envelope).expect("envelope serialises");
         outgoing.push(Outgoing {
@@ -412,6 +430,57 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         seqs[i] = seq;
     }
 
+    // Parallel copies: a group member's change meets its group's state before publishing.
+    let mut conflicts: Vec<(usize, String)> = Vec::new();
+    match group_admission(app, node, &changes, &outgoing_owner, &seqs, accepted_ms).await {
+        Ok(verdicts) => {
+            for (i, verdict) in verdicts {
+                let dropped = |event: &'static str, detail: String| Fate::Dropped { event, detail };
+                match verdict {
+                    Admit::Publish { conflict } => conflicts.extend(conflict.map(|d| (i, d))),
+                    Admit::Echo(d) => fates[i] = dropped("echo", d),
+                    Admit::Lost(d) => fates[i] = dropped("conflict", d),
+                    Admit::Stale(d) => fates[i] = dropped("superseded", d),
+                    Admit::Loop(d) => fates[i] = dropped("loop", d),
+                }
+            }
+            let keep: Vec<bool> = outgoing_owner
+                .iter()
+                .map(|&i| matches!(fates[i], Fate::Publish { .. }))
+                .collect();
+            let mut k = keep.iter();
+            outgoing.retain(|_| *k.next().expect("one flag per message"));
+            let mut k = keep.iter();
+            outgoing_owner.retain(|_| *k.next().expect("one flag per message"));
+        }
+        Err(e) => {
+            app.metrics.store_up.set(0);
+            warn!(%node, error = %e, "store unavailable for group state at ingress");
+            if let Err(e) = app.store.release_ids(node, &reserved).await {
+                warn!(%node, error = %e, "could not release idempotency keys; they expire by themselves");
+            }
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the store is unavailable ({e}); nothing was accepted, retry later"),
+            );
+        }
+    }
+
+    // A member whose change won a conflict may have applied the loser meanwhile: it gets
+    // its own change back (what the "+ conflicts" in the delivery bound pays for).
+    let refeed: Vec<Held> = outgoing
+        .iter()
+        .zip(&outgoing_owner)
+        .filter(|(_, i)| conflicts.iter().any(|(c, _)| c == *i))
+        .map(|(m, _)| Held {
+            queue: HeldIn::Deliver,
+            attempt: 1,
+            first_failed_ms: None,
+            alone: false,
+            error: None,
+            body: m.body.clone(),
+        })
+        .collect();
     if !outgoing.is_empty() {
         match app.broker.publish(node, &outgoing).await {
             Ok(outcomes) => {
@@ -439,6 +508,12 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         }
     }
 
+    if !refeed.is_empty() {
+        if let Err(e) = app.broker.import(node, refeed).await {
+            warn!(%node, error = %e, "could not send a conflict's winner back to its author; that member may keep the losing version");
+        }
+    }
+
     // Remember accepted ids for the dedupe window; forget the rest so a retry is fresh.
     let mut commit: Vec<&str> = Vec::new();
     let mut release: Vec<&str> = Vec::new();
@@ -446,7 +521,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         if !reserved.contains(id) {
             continue;
         }
-        if matches!(fates[owner], Fate::Accepted { .. }) {
+        if matches!(fates[owner], Fate::Accepted { .. } | Fate::Dropped { .. }) {
             commit.push(id);
         } else {
             release.push(id);
@@ -455,8 +530,15 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
     let store_results = tokio::join!(
         app.store.commit_ids(node, &commit),
         app.store.release_ids(node, &release),
-        app.store
-            .record(history(node, accepted_ms, &fates, &changes, &ids, &seqs)),
+        app.store.record(history(
+            node,
+            accepted_ms,
+            &fates,
+            &changes,
+            &ids,
+            &seqs,
+            &conflicts
+        )),
     );
     for r in [store_results.0, store_results.1, store_results.2] {
         if let Err(e) = r {
@@ -472,21 +554,32 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         results: Vec::with_capacity(fates.len()),
     };
     for (index, fate) in fates.into_iter().enumerate() {
+        let mut dropped = None;
         let (status, error) = match fate {
             Fate::Accepted { .. } => ("accepted", None),
             Fate::Duplicate => ("duplicate", None),
             Fate::Rejected(e) => ("rejected", Some(e)),
             Fate::Publish { .. } => ("rejected", Some("not published".to_string())),
+            Fate::Dropped { event, detail } => {
+                dropped = Some((event, detail));
+                ("accepted", None)
+            }
         };
         match status {
             "rejected" => answer.rejected += 1,
             _ => answer.accepted += 1,
         }
+        let (dropped, detail) = match dropped {
+            Some((event, detail)) => (Some(event), Some(detail)),
+            None => (None, None),
+        };
         answer.results.push(ItemResult {
             index,
             id: ids[index].take(),
             status,
             error,
+            dropped,
+            detail,
         });
     }
     if let Some(m) = node_metrics {
@@ -515,6 +608,70 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
     (status, Json(answer)).into_response()
 }
 
+/// Parallel copies: the group verdict for each message about to be published whose change
+/// is a group member's (by index into `changes`).
+async fn group_admission(
+    app: &AppState,
+    node: &str,
+    changes: &[Option<Change>],
+    owners: &[usize],
+    seqs: &[i64],
+    accepted_ms: i64,
+) -> Result<Vec<(usize, Admit)>, crate::store::StoreError> {
+    let mut items = Vec::new();
+    for &i in owners {
+        let Some(change) = &changes[i] else { continue };
+        let Some(g) = app.routes.group(node, &change.kind) else {
+            continue;
+        };
+        let ts_ms = change
+            .ts
+            .as_deref()
+            .and_then(|ts| {
+                time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .unwrap_or(accepted_ms);
+        let candidate = Candidate {
+            node: node.to_string(),
+            seq: seqs[i],
+            ts_ms,
+            hash: group::content_hash(change.op == Op::Delete, change.data.as_ref()),
+            initial: change.initial,
+        };
+        items.push((
+            i,
+            g.clone(),
+            g.key(&change.kind, &change.reference),
+            candidate,
+        ));
+    }
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = items.iter().map(|(_, _, k, _)| k.clone()).collect();
+    let verdicts = group::update(app.store.as_ref(), &keys, |j, state| {
+        let (_, g, _, candidate) = &items[j];
+        group::admit(g, state, candidate)
+    })
+    .await?;
+    for ((_, g, _, _), verdict) in items.iter().zip(&verdicts) {
+        let result = match verdict {
+            Admit::Publish { conflict: None } => "published",
+            Admit::Publish { conflict: Some(_) } => "conflict_won",
+            Admit::Echo(_) => "echo",
+            Admit::Lost(_) => "conflict_lost",
+            Admit::Stale(_) => "superseded",
+            Admit::Loop(_) => "loop",
+        };
+        app.metrics
+            .group_changes
+            .with_label_values(&[&g.name, result])
+            .inc();
+    }
+    Ok(items.into_iter().map(|(i, ..)| i).zip(verdicts).collect())
+}
+
 /// Status and history records for what ingress did with each item.
 /// `accepted_ms` is taken before publishing, so `accepted` sorts before any `delivered`.
 fn history(
@@ -524,9 +681,25 @@ fn history(
     changes: &[Option<Change>],
     ids: &[Option<String>],
     seqs: &[i64],
+    conflicts: &[(usize, String)],
 ) -> Vec<Record> {
     let now = crate::store::rfc3339_ms(accepted_ms);
     let mut records = Vec::new();
+    for (i, detail) in conflicts {
+        if let Some(change) = &changes[*i] {
+            records.push(Record {
+                reference: change.reference.clone(),
+                statuses: Vec::new(),
+                event: Some(HistoryEvent {
+                    at: now.clone(),
+                    target: node.to_string(),
+                    event: "conflict".into(),
+                    detail: detail.clone(),
+                }),
+                mark: None,
+            });
+        }
+    }
     for (i, fate) in fates.iter().enumerate() {
         let Some(change) = &changes[i] else { continue };
         let id = ids[i].as_deref().unwrap_or("");
@@ -556,6 +729,17 @@ fn history(
                         change.op,
                         targets.join(", ")
                     ),
+                }),
+                mark: None,
+            }),
+            Fate::Dropped { event, detail } => records.push(Record {
+                reference: change.reference.clone(),
+                statuses: Vec::new(),
+                event: Some(HistoryEvent {
+                    at: now.clone(),
+                    target: node.to_string(),
+                    event: (*event).into(),
+                    detail: format!("id {id}: {detail}"),
                 }),
                 mark: None,
             }),

@@ -17,6 +17,7 @@ pub mod config;
 pub mod deliver;
 pub mod demo;
 pub mod embedded;
+pub mod group;
 pub mod ingress;
 pub mod metrics;
 pub mod migrate;

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub broker_up: IntGauge,
     pub store_up: IntGauge,
     pub breaker_open: IntGaugeVec,
+    pub group_changes: IntCounterVec,
 }
 
 /// Label handles for one target node.
@@ -113,6 +114,12 @@ impl Metrics {
                 "lx_changes_rejected_total",
                 "Changes rejected at ingress per source node",
                 &["node"],
+            ),
+            group_changes: counter_vec(
+                &r,
+                "lx_group_changes_total",
+                "Changes of group members at ingress by result (published, conflict_won, conflict_lost, echo, loop, superseded)",
+                &["group", "result"],
             ),
             deliveries: counter_vec(
                 &r,

@@ -24,6 +24,8 @@ pub struct Change {
     pub data: Option<Value>,
     pub seq: Option<i64>,
     pub ts: Option<String>,
+    /// Extension: part of a member's snapshot for a group resync (see `group`).
+    pub initial: bool,
 }
 
 /// What is wrong with one change; the message names the field.
@@ -67,8 +69,9 @@ fn check_ref(reference: &str, field: &str) -> Result<(), ChangeError> {
     Ok(())
 }
 
-/// The optional `id`, `seq` and `ts` of a change (also accepted beside `#type`/`#value`).
-type Meta = (Option<String>, Option<i64>, Option<String>);
+/// The optional `id`, `seq`, `ts` and `initial` of a change (also accepted beside
+/// `#type`/`#value`).
+type Meta = (Option<String>, Option<i64>, Option<String>, bool);
 
 fn take_meta(obj: &mut Map<String, Value>) -> Result<Meta, ChangeError> {
     let id = match obj.remove("id") {
@@ -101,7 +104,17 @@ fn take_meta(obj: &mut Map<String, Value>) -> Result<Meta, ChangeError> {
         }
         Some(other) => return err(format!("ts: expected a string, got {}", json_kind(&other))),
     };
-    Ok((id, seq, ts))
+    let initial = match obj.remove("initial") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return err(format!(
+                "initial: expected true or false, got {}",
+                json_kind(&other)
+            ))
+        }
+    };
+    Ok((id, seq, ts, initial))
 }
 
 /// Parses one change object in either form.
@@ -114,7 +127,7 @@ pub fn parse_change(value: Value) -> Result<Change, ChangeError> {
     };
     if obj.contains_key("#type") {
         let mut change = parse_xdto(&mut obj)?;
-        (change.id, change.seq, change.ts) = take_meta(&mut obj)?;
+        (change.id, change.seq, change.ts, change.initial) = take_meta(&mut obj)?;
         if let Some(key) = obj.keys().next() {
             return err(format!("{key}: unknown field beside #type and #value"));
         }
@@ -123,14 +136,14 @@ pub fn parse_change(value: Value) -> Result<Change, ChangeError> {
     for key in obj.keys() {
         if !matches!(
             key.as_str(),
-            "id" | "type" | "ref" | "op" | "data" | "seq" | "ts"
+            "id" | "type" | "ref" | "op" | "data" | "seq" | "ts" | "initial"
         ) {
             return err(format!(
-                "{key}: unknown field (a change has id, type, ref, op, data, seq, ts)"
+                "{key}: unknown field (a change has id, type, ref, op, data, seq, ts, initial)"
             ));
         }
     }
-    let (id, seq, ts) = take_meta(&mut obj)?;
+    let (id, seq, ts, initial) = take_meta(&mut obj)?;
     let kind = match obj.remove("type") {
         Some(Value::String(s)) => s,
         None | Some(Value::Null) => return err("type: missing"),
@@ -179,6 +192,7 @@ pub fn parse_change(value: Value) -> Result<Change, ChangeError> {
         data,
         seq,
         ts,
+        initial,
     })
 }
 
@@ -313,6 +327,7 @@ fn parse_xdto(obj: &mut Map<String, Value>) -> Result<Change, ChangeError> {
             data: None,
             seq: None,
             ts: None,
+            initial: false,
         });
     }
     let (prefix, name) = split_xdto_type(&xdto_type).ok_or_else(|| {
@@ -374,6 +389,7 @@ fn parse_xdto(obj: &mut Map<String, Value>) -> Result<Change, ChangeError> {
         data: Some(Value::Object(value)),
         seq: None,
         ts: None,
+        initial: false,
     })
 }
 
@@ -406,6 +422,9 @@ pub struct Envelope<'a> {
     pub ts: Option<&'a str>,
     /// Milliseconds since the Unix epoch when ingress accepted it (for end-to-end latency).
     pub accepted_ms: i64,
+    /// Part of a member's snapshot for a group resync.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub initial: bool,
 }
 
 /// The envelope read back by a consumer; `data` stays raw JSON so delivery never re-parses it.
@@ -424,6 +443,8 @@ pub struct StoredChange {
     #[serde(default)]
     pub ts: Option<String>,
     pub accepted_ms: i64,
+    #[serde(default)]
+    pub initial: bool,
 }
 
 /// One change as a target receives it (API.md "Delivering to a push node").

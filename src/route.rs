@@ -6,7 +6,9 @@
 //! in-process so ingress can reject a change no route takes before publishing it.
 
 use crate::config::Config;
+use crate::group::{Group, Policy};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// One binding: changes from `source` whose type matches `pattern` go to `target`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,6 +22,8 @@ pub struct Binding {
 #[derive(Debug, Default, Clone)]
 pub struct Routes {
     by_source: HashMap<String, Vec<Binding>>,
+    /// `[[group]]`s, by member.
+    groups: HashMap<String, Arc<Group>>,
 }
 
 /// Turns a route pattern into the topic pattern the broker uses.
@@ -61,6 +65,33 @@ impl Routes {
                 }
             }
         }
+        // A group routes every member's changes of its types to every other member.
+        let mut groups = HashMap::new();
+        for g in &config.groups {
+            let group = Arc::new(Group {
+                name: g.name.clone(),
+                members: g.nodes.clone(),
+                patterns: g.types.iter().map(|p| topic_pattern(p)).collect(),
+                policy: if g.conflict == "priority" {
+                    Policy::Priority
+                } else {
+                    Policy::LastWriterWins
+                },
+                max_hops: g.max_hops,
+            });
+            for member in &g.nodes {
+                for other in g.nodes.iter().filter(|o| *o != member) {
+                    for pattern in &group.patterns {
+                        set.insert(Binding {
+                            source: member.clone(),
+                            target: other.clone(),
+                            pattern: pattern.clone(),
+                        });
+                    }
+                }
+                groups.insert(member.clone(), group.clone());
+            }
+        }
         let mut by_source: HashMap<String, Vec<Binding>> = HashMap::new();
         for binding in set {
             by_source
@@ -68,7 +99,23 @@ impl Routes {
                 .or_default()
                 .push(binding);
         }
-        Routes { by_source }
+        Routes { by_source, groups }
+    }
+
+    /// The group a change of `kind` from `node` belongs to: `node` is a member and the
+    /// group takes the type.
+    pub fn group(&self, node: &str, kind: &str) -> Option<&Arc<Group>> {
+        self.groups.get(node).filter(|g| g.takes(node, kind))
+    }
+
+    /// The group `node` is a member of.
+    pub fn group_of(&self, node: &str) -> Option<&Arc<Group>> {
+        self.groups.get(node)
+    }
+
+    /// The group by name.
+    pub fn group_named(&self, name: &str) -> Option<&Arc<Group>> {
+        self.groups.values().find(|g| g.name == name)
     }
 
     /// Targets for a change of `kind` from `source`, each once, in name order.

@@ -207,6 +207,19 @@ pub trait Store: Send + Sync + 'static {
         target: &'a str,
         triples: &'a [(&'a str, &'a str, &'a str)],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The states of objects in groups (JSON the store does not read), by key; `None` when
+    /// absent or expired.
+    fn group_load<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>>;
+    /// Compare-and-set: each (key, expected, new) is written only if the state stored is
+    /// still `expected` (`None`: absent). True per item where it was written. States
+    /// expire `retention` after their last write.
+    fn group_cas<'a>(
+        &'a self,
+        items: &'a [(String, Option<String>, String)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
 }
 
 /// RFC 3339 UTC with exactly three fraction digits (so the strings sort by time).
@@ -278,6 +291,26 @@ end
 return 1
 "#;
 
+/// Group state compare-and-set. KEYS: the state keys; ARGV[1] ttl seconds, then per key:
+/// '1' if a value is expected ('0': absent expected), the expected value, the new value.
+const GROUP_CAS_LUA: &str = r#"
+local ttl = ARGV[1]
+local out = {}
+for i = 1, #KEYS do
+  local a = 2 + (i - 1) * 3
+  local cur = redis.call('GET', KEYS[i])
+  local ok
+  if ARGV[a] == '0' then ok = (cur == false) else ok = (cur == ARGV[a + 1]) end
+  if ok then
+    redis.call('SET', KEYS[i], ARGV[a + 2], 'EX', ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
 /// Objects recorded per script call.
 const RECORDS_PER_CALL: usize = 200;
 
@@ -299,6 +332,7 @@ pub struct RedisStore {
     retention: Duration,
     history_max: usize,
     record_script: redis::Script,
+    group_cas_script: redis::Script,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -350,6 +384,7 @@ impl RedisStore {
             retention,
             history_max,
             record_script: redis::Script::new(RECORD_LUA),
+            group_cas_script: redis::Script::new(GROUP_CAS_LUA),
         })
     }
 
@@ -397,6 +432,10 @@ impl RedisStore {
             "{}:m:{target}:{}:{{{}}}:{}",
             self.prefix, k.source, k.reference, k.kind
         )
+    }
+
+    fn group_key(&self, key: &str) -> String {
+        format!("{}:g:{key}", self.prefix)
     }
 
     fn id_key(&self, node: &str, id: &str) -> String {
@@ -709,6 +748,48 @@ impl Store for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.failed(e))
+        })
+    }
+
+    fn group_load<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>> {
+        self.timed(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.conn().await?;
+            let mut cmd = redis::cmd("MGET");
+            for k in keys {
+                cmd.arg(self.group_key(k));
+            }
+            cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))
+        })
+    }
+
+    fn group_cas<'a>(
+        &'a self,
+        items: &'a [(String, Option<String>, String)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        self.timed(async move {
+            if items.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.conn().await?;
+            let mut call = self.group_cas_script.prepare_invoke();
+            call.arg(self.retention.as_secs().max(1));
+            for (key, expected, new) in items {
+                call.key(self.group_key(key))
+                    .arg(if expected.is_some() { "1" } else { "0" })
+                    .arg(expected.as_deref().unwrap_or(""))
+                    .arg(new);
+            }
+            let written: Vec<i64> = call
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))?;
+            Ok(written.into_iter().map(|w| w == 1).collect())
         })
     }
 }

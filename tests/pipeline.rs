@@ -340,12 +340,29 @@ async fn updates_to_one_object_never_end_older_than_the_last_accepted(backend: B
             .find(|x| x.change["ref"] == r)
             .map(|x| x.change["data"]["v"].as_i64().unwrap())
     };
-    eventually(WAIT, "last states at shop", || {
-        ["obj-0", "obj-1", "obj-2", "obj-b"]
-            .iter()
-            .all(|r| last_state(r) == Some(3))
-    })
-    .await;
+    let start = std::time::Instant::now();
+    while !["obj-0", "obj-1", "obj-2", "obj-b"]
+        .iter()
+        .all(|r| last_state(r) == Some(3))
+    {
+        if start.elapsed() > WAIT {
+            let got: Vec<(String, i64)> = shop
+                .received()
+                .iter()
+                .map(|x| {
+                    (
+                        x.change["ref"].as_str().unwrap_or("").to_string(),
+                        x.change["data"]["v"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            let (_, object) = bridge.admin_get("/api/v1/objects/obj-2").await;
+            panic!(
+                "last states never reached the shop in {WAIT:?}; it got {got:?}; obj-2: {object}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     for r in ["obj-0", "obj-1", "obj-2", "obj-b"] {
         // What arrived for the object is in ascending order, ending with the last accepted.

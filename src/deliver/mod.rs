@@ -81,6 +81,8 @@ pub struct Core {
     pub store: Arc<dyn Store>,
     pub metrics: TargetMetrics,
     pub shaping: Shaping,
+    /// The `[[group]]` this target is a member of.
+    pub group: Option<Arc<crate::group::Group>>,
 }
 
 /// A batch ready to hand to the target, with what was settled or failed on the way.
@@ -169,7 +171,29 @@ impl Core {
         for message in already {
             debug!(target = %self.name, "redelivered change already delivered; acking");
             self.settle_ack(message).await;
-        } // Reshape for the target (mapping, script, references, remap, format).
+        }
+        // Parallel copies: only the group's current version of an object goes to a member.
+        let send = match &self.group {
+            Some(group) => {
+                let (send, behind) = self.group_outbound(group, send, cancel).await?;
+                for (message, change, why) in behind {
+                    records.push(record(
+                        &change,
+                        &self.name,
+                        State::Superseded,
+                        message.attempt,
+                        None,
+                        "superseded",
+                        &why,
+                    ));
+                    self.metrics.superseded.inc();
+                    self.settle_ack(message).await;
+                }
+                send
+            }
+            None => send,
+        };
+        // Reshape for the target (mapping, script, references, remap, format).
         let mut failed: Vec<FailedChange> = Vec::new();
         let mut filtered = Vec::new();
         let Some(send) = self.shape(send, &mut filtered, &mut failed, cancel).await else {
@@ -275,6 +299,7 @@ impl Core {
             records.push(r);
         }
         self.write_records(std::mem::take(&mut records)).await;
+        self.group_delivered(&delivered).await;
         let acks = delivered.into_iter().map(|(message, change)| {
             self.metrics.ok.inc();
             self.metrics
@@ -347,6 +372,100 @@ impl Core {
     }
     /// Calls the store until it answers: without it, order and references can't be checked,
     /// so the batch is held (unacked). `None` when cancelled meanwhile.
+    /// Splits a batch for a group member: the changes that are their object's current
+    /// group version (their content is then remembered as sent, awaiting the echo) and those
+    /// that are not, with why. `None` when cancelled while the store was away.
+    #[allow(clippy::type_complexity)]
+    async fn group_outbound(
+        &self,
+        group: &crate::group::Group,
+        batch: Vec<(Incoming, StoredChange)>,
+        cancel: &CancellationToken,
+    ) -> Option<(
+        Vec<(Incoming, StoredChange)>,
+        Vec<(Incoming, StoredChange, String)>,
+    )> {
+        let mut keys = Vec::new();
+        let mut hashes = Vec::new();
+        let mut owners = Vec::new();
+        for (i, (_, c)) in batch.iter().enumerate() {
+            if !group.takes(&c.source, &c.kind) {
+                continue;
+            }
+            let data: Option<Value> = c
+                .data
+                .as_deref()
+                .and_then(|raw| serde_json::from_str(raw.get()).ok());
+            keys.push(group.key(&c.kind, &c.reference));
+            hashes.push(crate::group::content_hash(
+                c.op == Op::Delete,
+                data.as_ref(),
+            ));
+            owners.push(i);
+        }
+        if keys.is_empty() {
+            return Some((batch, Vec::new()));
+        }
+        let verdicts = self
+            .until_store(cancel, || {
+                crate::group::update(self.store.as_ref(), &keys, |j, state| {
+                    let c = &batch[owners[j]].1;
+                    crate::group::outbound(
+                        state,
+                        &crate::group::Outbound {
+                            target: &self.name,
+                            source: &c.source,
+                            seq: c.seq,
+                            hash: &hashes[j],
+                            initial: c.initial,
+                        },
+                    )
+                })
+            })
+            .await?;
+        let mut why: Vec<Option<String>> = vec![None; batch.len()];
+        for (j, verdict) in verdicts.into_iter().enumerate() {
+            if let Err(reason) = verdict {
+                why[owners[j]] = Some(reason);
+            }
+        }
+        let mut send = Vec::with_capacity(batch.len());
+        let mut behind = Vec::new();
+        for ((message, change), why) in batch.into_iter().zip(why) {
+            match why {
+                Some(reason) => behind.push((message, change, reason)),
+                None => send.push((message, change)),
+            }
+        }
+        Some((send, behind))
+    }
+
+    /// Remembers, for a group member, the versions it confirmed (and when): a change it
+    /// writes later follows them instead of conflicting with them.
+    async fn group_delivered(&self, delivered: &[(Incoming, StoredChange)]) {
+        let Some(group) = &self.group else { return };
+        let taken: Vec<&StoredChange> = delivered
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| group.takes(&c.source, &c.kind))
+            .collect();
+        if taken.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = taken
+            .iter()
+            .map(|c| group.key(&c.kind, &c.reference))
+            .collect();
+        let now = unix_ms_now();
+        let result = crate::group::update(self.store.as_ref(), &keys, |j, state| {
+            crate::group::delivered(state, &self.name, &taken[j].source, taken[j].seq, now)
+        })
+        .await;
+        if let Err(e) = result {
+            warn!(target = %self.name, error = %e, "could not record group deliveries; a later change from this member may count as a conflict");
+        }
+    }
+
     async fn until_store<T, F, Fut>(&self, cancel: &CancellationToken, mut call: F) -> Option<T>
     where
         F: FnMut() -> Fut,

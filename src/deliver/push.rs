@@ -2,12 +2,10 @@
 //! (API.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
-use super::{Answer, Core, DeliverError, Prepared, Shaped, Shaping};
-use crate::broker::{Broker, Incoming};
+use super::{Answer, Core, DeliverError, Prepared, Shaped};
+use crate::broker::Incoming;
 use crate::config::{Auth, DeliverConfig};
-use crate::metrics::TargetMetrics;
 use crate::model::{OutgoingChange, StoredChange};
-use crate::store::Store;
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -31,21 +29,15 @@ pub struct PushTarget {
     breaker: Breaker,
 }
 impl PushTarget {
-    pub fn new(
-        name: &str,
-        d: &DeliverConfig,
-        broker: Arc<dyn Broker>,
-        store: Arc<dyn Store>,
-        metrics: TargetMetrics,
-        shaping: Shaping,
-    ) -> Result<PushTarget, DeliverError> {
+    pub fn new(d: &DeliverConfig, core: Core) -> Result<PushTarget, DeliverError> {
+        let metrics = &core.metrics;
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(d.concurrency)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| DeliverError::Client(e.to_string()))?;
         Ok(PushTarget {
-            name: name.to_string(),
+            name: core.name.clone(),
             url: d.url.clone().unwrap_or_default(),
             auth: d.auth.clone(),
             batch_max: d.batch_max,
@@ -54,13 +46,7 @@ impl PushTarget {
             concurrency: d.concurrency,
             client,
             breaker: Breaker::new(metrics.breaker_open.clone()),
-            core: Core {
-                name: name.to_string(),
-                broker,
-                store,
-                metrics,
-                shaping,
-            },
+            core,
         })
     }
 

@@ -14,7 +14,7 @@
 //! Tables (see ARCHITECTURE.md): `queue` (changes waiting for a target, in order), `retry`
 //! (changes waiting out a retry delay), `dlq`, `ids` (idempotency keys), `counters` (node seqs,
 //! inbox numbers), `objects` (status per target and history of an object), `marks`
-//! (delivery marks), `remap`.
+//! (delivery marks), `remap`, `groups` (the state of an object in a `[[group]]`).
 
 pub mod broker;
 pub mod store;
@@ -109,6 +109,10 @@ CREATE TABLE IF NOT EXISTS marks (
     seq INTEGER NOT NULL,
     expires INTEGER NOT NULL,
     PRIMARY KEY (target, source, ref, type)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    key TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS remap (
     target TEXT NOT NULL,
     key TEXT NOT NULL,

@@ -58,7 +58,7 @@ impl EmbeddedStore {
             .call(|c| {
                 let now = now_ms();
                 let mut n = 0;
-                for table in ["ids", "objects", "marks"] {
+                for table in ["ids", "objects", "marks", "groups"] {
                     n += c
                         .prepare_cached(&format!("DELETE FROM {table} WHERE expires <= ?1"))?
                         .execute([now])?;
@@ -443,6 +443,68 @@ impl Store for EmbeddedStore {
                         put.execute(params![target, k, v])?;
                     }
                     Ok(())
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn group_load<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>> {
+        let keys = keys.to_vec();
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.db
+                .call(move |c| {
+                    let now = now_ms();
+                    let mut get = c.prepare_cached(
+                        "SELECT state FROM groups WHERE key = ?1 AND expires > ?2",
+                    )?;
+                    keys.iter()
+                        .map(|k| get.query_row(params![k, now], |r| r.get(0)).optional())
+                        .collect()
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn group_cas<'a>(
+        &'a self,
+        items: &'a [(String, Option<String>, String)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        let items = items.to_vec();
+        let ttl = ms(self.retention).max(1000);
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.db
+                .call(move |c| {
+                    let now = now_ms();
+                    let mut written = Vec::with_capacity(items.len());
+                    for (key, expected, new) in &items {
+                        let current: Option<String> = c
+                            .prepare_cached(
+                                "SELECT state FROM groups WHERE key = ?1 AND expires > ?2",
+                            )?
+                            .query_row(params![key, now], |r| r.get(0))
+                            .optional()?;
+                        if current != *expected {
+                            written.push(false);
+                            continue;
+                        }
+                        c.prepare_cached(
+                            "INSERT OR REPLACE INTO groups (key, state, expires) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![key, new, now + ttl])?;
+                        written.push(true);
+                    }
+                    Ok(written)
                 })
                 .await
                 .map_err(unavailable)
