@@ -15,10 +15,14 @@
 //!   node earlier in `nodes`). The loser is recorded, never published; the winner is
 //!   published, and at delivery any change that is not the current version is dropped as
 //!   superseded, so every member ends with the winner.
-//! - **Loops**: a change written within [`DERIVED_WINDOW_MS`] of the delivery it follows is
-//!   counted as derived from it (one more hop since its origin); past the group's
-//!   `max_hops` it is dropped as `loop`. Members that rewrite what they receive and send it
-//!   back can't keep an object circulating.
+//! - **Crossings**: a member's change written before lxbridge's latest delivery to it of
+//!   that object (or sent while one is under way) may be overwritten there by that
+//!   delivery: when it becomes the version, it is also sent back to its author (recorded as
+//!   a `conflict`), so the author ends with it too.
+//! - **Loops**: a change a member sends while a delivery of that object to it is under way
+//!   and that is not an echo counts as derived from the delivery (one more hop since the
+//!   original write); past the group's `max_hops` it is dropped as `loop`. Members that
+//!   rewrite what they receive and send it back can't keep an object circulating.
 //! - **Initial** changes (a member's snapshot for a resync) never change an existing version
 //!   and never conflict: a member gets one only if it doesn't already have that content or
 //!   a newer version.
@@ -30,9 +34,6 @@ use std::collections::BTreeMap;
 
 /// Content hashes kept per member and object while their echo is awaited.
 pub const PENDING_MAX: usize = 8;
-
-/// A change written this soon after the delivery it follows counts as derived from it.
-pub const DERIVED_WINDOW_MS: i64 = 10_000;
 
 /// Types lxbridge itself sends (a resync request): never group versions.
 pub const CONTROL_PREFIX: &str = "lxbridge.";
@@ -115,6 +116,9 @@ pub struct MemberState {
     /// The hash of the content the member has, as far as lxbridge knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub has: Option<String>,
+    /// Since when a delivery to the member is on its way (sent, not yet answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inflight_since: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered: Option<Delivered>,
 }
@@ -189,7 +193,23 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
         ));
     }
     let delivered = member.delivered.clone();
+    // Sent while a delivery to the member was under way: derived from what it received
+    // (a member that rewrites what it is sent), one hop further from the original write.
+    let derived = member.inflight_since.is_some_and(|since| c.ts_ms >= since);
+    // lxbridge delivered (or is delivering) something to the member after this change was
+    // written: the member may hold that now, not this change.
+    let crossed =
+        member.inflight_since.is_some() || delivered.as_ref().is_some_and(|d| d.at_ms >= c.ts_ms);
     member.has = Some(c.hash.clone());
+    let crossing = |v: &Version| {
+        crossed.then(|| {
+            format!(
+                "{} crossed a delivery to {} (it is sent back its own change)",
+                describe(v),
+                c.node
+            )
+        })
+    };
     let fresh = |hops: u32, origin: &str| Version {
         node: c.node.clone(),
         seq: c.seq,
@@ -208,8 +228,10 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
     }
     if w.node == c.node {
         if c.seq > w.seq {
-            state.winner = Some(fresh(0, &c.node));
-            return Admit::Publish { conflict: None };
+            let v = fresh(0, &c.node);
+            let conflict = crossing(&v);
+            state.winner = Some(v);
+            return Admit::Publish { conflict };
         }
         return Admit::Stale(format!(
             "{} sent seq {} after its seq {}",
@@ -225,10 +247,11 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
     }
     let seen = delivered
         .as_ref()
-        .filter(|d| d.node == w.node && d.seq == w.seq && c.ts_ms > d.at_ms);
-    if let Some(d) = seen {
-        // Written after the current version reached the member: the next version.
-        let (hops, origin) = if c.ts_ms - d.at_ms < DERIVED_WINDOW_MS {
+        .is_some_and(|d| d.node == w.node && d.seq == w.seq && c.ts_ms > d.at_ms);
+    if seen || derived {
+        // Written after the current version reached the member (or while it was being
+        // delivered, with content of its own: derived from it): the next version.
+        let (hops, origin) = if derived {
             (w.hops + 1, w.origin.clone())
         } else {
             (0, c.node.clone())
@@ -239,8 +262,10 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
                 c.node, origin, group.max_hops
             ));
         }
-        state.winner = Some(fresh(hops, &origin));
-        return Admit::Publish { conflict: None };
+        let v = fresh(hops, &origin);
+        let conflict = crossing(&v);
+        state.winner = Some(v);
+        return Admit::Publish { conflict };
     }
     let candidate = fresh(0, &c.node);
     let wins = match group.policy {
@@ -281,6 +306,8 @@ pub struct Outbound<'a> {
     pub seq: i64,
     pub hash: &'a str,
     pub initial: bool,
+    /// Now (milliseconds since the Unix epoch).
+    pub at_ms: i64,
 }
 
 /// Whether to send a member's change to another member; when sending, its content is
@@ -311,16 +338,44 @@ pub fn outbound(state: &mut ObjectState, o: &Outbound<'_>) -> Result<(), String>
         member.pending.remove(0);
     }
     member.has = Some(o.hash.to_string());
+    member.inflight_since = Some(o.at_ms);
     Ok(())
 }
 
-/// Records that a member confirmed a change.
-pub fn delivered(state: &mut ObjectState, target: &str, source: &str, seq: i64, at_ms: i64) {
-    state.member(target).delivered = Some(Delivered {
-        node: source.to_string(),
-        seq,
-        at_ms,
-    });
+/// Whether a change is still its object's current version (initial changes always are):
+/// a batch held back while its target was down is checked again before it goes out.
+pub fn still_current(
+    state: &ObjectState,
+    source: &str,
+    seq: i64,
+    initial: bool,
+) -> Result<(), String> {
+    match &state.winner {
+        Some(w) if !initial && (w.node != source || w.seq != seq) => {
+            Err(format!("the group's current version is {}", describe(w)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Records that a member answered for a change (`ok`: it confirmed it).
+pub fn delivered(
+    state: &mut ObjectState,
+    target: &str,
+    source: &str,
+    seq: i64,
+    at_ms: i64,
+    ok: bool,
+) {
+    let member = state.member(target);
+    member.inflight_since = None;
+    if ok {
+        member.delivered = Some(Delivered {
+            node: source.to_string(),
+            seq,
+            at_ms,
+        });
+    }
 }
 
 /// Loads the states of `keys`, lets `decide` change each, and writes them back by
@@ -458,6 +513,7 @@ mod tests {
                 seq,
                 hash,
                 initial: false,
+                at_ms: 0,
             },
         )
         .is_ok()
@@ -507,7 +563,7 @@ mod tests {
         ));
         assert!(s.members["b"].pending.is_empty());
         // A later genuine change from b with content it once had is not an echo.
-        delivered(&mut s, "b", "a", 2, 250);
+        delivered(&mut s, "b", "a", 2, 250, true);
         assert_eq!(
             admit(&g, &mut s, &cand("b", 12, 60_000, "h1")),
             Admit::Publish { conflict: None }
@@ -568,7 +624,7 @@ mod tests {
         ));
         // Once c has a's version, its next change is no conflict.
         assert!(send(&mut s, "c", "a", 1, "ha"));
-        delivered(&mut s, "c", "a", 1, 1_000);
+        delivered(&mut s, "c", "a", 1, 1_000, true);
         assert_eq!(
             admit(&g, &mut s, &cand("c", 2, 60_000, "hc2")),
             Admit::Publish { conflict: None }
@@ -581,7 +637,7 @@ mod tests {
         let mut s = ObjectState::default();
         admit(&g, &mut s, &cand("a", 1, 1_000, "ha"));
         assert!(send(&mut s, "b", "a", 1, "ha"));
-        delivered(&mut s, "b", "a", 1, 2_000);
+        delivered(&mut s, "b", "a", 1, 2_000, true);
         // b wrote at 1_500, before a's version reached it at 2_000: a conflict (b wins by ts).
         assert!(matches!(
             admit(&g, &mut s, &cand("b", 1, 1_500, "hb")),
@@ -602,14 +658,15 @@ mod tests {
             let target = members[round % 3];
             now += 100;
             assert!(send(&mut s, target, &from.0, from.1, &format!("h{round}")));
-            delivered(&mut s, target, &from.0, from.1, now);
-            // The member rewrites the object a little and sends it at once.
+            // The member rewrites the object a little and sends it while applying it.
             let seq = 100 + round as i64;
-            match admit(
+            let verdict = admit(
                 &g,
                 &mut s,
                 &cand(target, seq, now + 10, &format!("h{}", round + 1)),
-            ) {
+            );
+            delivered(&mut s, target, &from.0, from.1, now + 20, true);
+            match verdict {
                 Admit::Publish { .. } => from = (target.to_string(), seq),
                 Admit::Loop(detail) => {
                     assert!(detail.contains("max_hops 3"), "{detail}");
@@ -624,12 +681,33 @@ mod tests {
     }
 
     #[test]
+    fn a_change_that_crossed_a_delivery_to_its_author_is_sent_back_to_it() {
+        let g = group(Policy::LastWriterWins);
+        let mut s = ObjectState::default();
+        admit(&g, &mut s, &cand("a", 1, 100, "h1"));
+        // a writes seq 2 at 150; lxbridge delivers something of this object to a at 200
+        // (here a's own seq 1, sent back after a conflict); a's seq 2 arrives after that.
+        assert!(send(&mut s, "a", "a", 1, "h1"));
+        delivered(&mut s, "a", "a", 1, 200, true);
+        let verdict = admit(&g, &mut s, &cand("a", 2, 150, "h2"));
+        assert!(
+            matches!(&verdict, Admit::Publish { conflict: Some(d) } if d.contains("crossed a delivery to a")),
+            "{verdict:?}"
+        );
+        // Written after the last delivery: an ordinary next version.
+        assert_eq!(
+            admit(&g, &mut s, &cand("a", 3, 300, "h3")),
+            Admit::Publish { conflict: None }
+        );
+    }
+
+    #[test]
     fn initial_changes_never_displace_a_version_and_skip_members_that_have_it() {
         let g = group(Policy::LastWriterWins);
         let mut s = ObjectState::default();
         admit(&g, &mut s, &cand("a", 5, 100, "h5"));
         assert!(send(&mut s, "b", "a", 5, "h5"));
-        delivered(&mut s, "b", "a", 5, 200);
+        delivered(&mut s, "b", "a", 5, 200, true);
         let snapshot = Candidate {
             initial: true,
             ..cand("c", 1, 50, "old")
@@ -645,6 +723,7 @@ mod tests {
             seq: 1,
             hash: "old",
             initial: true,
+            at_ms: 0,
         };
         assert!(outbound(&mut s, &to("b")).is_err(), "b has a newer version");
         assert!(

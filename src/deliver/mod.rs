@@ -299,7 +299,14 @@ impl Core {
             records.push(r);
         }
         self.write_records(std::mem::take(&mut records)).await;
-        self.group_delivered(&delivered).await;
+        if self.group.is_some() {
+            let answered: Vec<(&StoredChange, bool)> = delivered
+                .iter()
+                .map(|(_, c)| (c, true))
+                .chain(failed.iter().map(|f| (&f.change, false)))
+                .collect();
+            self.group_answered(&answered).await;
+        }
         let acks = delivered.into_iter().map(|(message, change)| {
             self.metrics.ok.inc();
             self.metrics
@@ -406,6 +413,7 @@ impl Core {
         if keys.is_empty() {
             return Some((batch, Vec::new()));
         }
+        let now = unix_ms_now();
         let verdicts = self
             .until_store(cancel, || {
                 crate::group::update(self.store.as_ref(), &keys, |j, state| {
@@ -418,6 +426,7 @@ impl Core {
                             seq: c.seq,
                             hash: &hashes[j],
                             initial: c.initial,
+                            at_ms: now,
                         },
                     )
                 })
@@ -440,25 +449,82 @@ impl Core {
         Some((send, behind))
     }
 
-    /// Remembers, for a group member, the versions it confirmed (and when): a change it
-    /// writes later follows them instead of conflicting with them.
-    async fn group_delivered(&self, delivered: &[(Incoming, StoredChange)]) {
-        let Some(group) = &self.group else { return };
-        let taken: Vec<&StoredChange> = delivered
+    /// For a group member, drops (acks and records) the changes of a held batch that are no
+    /// longer their object's current version: while the batch waited for its target, a
+    /// newer version may have been accepted, and the member must not get the older one
+    /// after it. Store trouble keeps the batch as it is.
+    pub(crate) async fn group_recheck(
+        &self,
+        send: Vec<(Incoming, StoredChange, Option<Shaped>)>,
+    ) -> Vec<(Incoming, StoredChange, Option<Shaped>)> {
+        let Some(group) = &self.group else {
+            return send;
+        };
+        let keys: Vec<String> = send
             .iter()
-            .map(|(_, c)| c)
-            .filter(|c| group.takes(&c.source, &c.kind))
+            .filter(|(_, c, _)| group.takes(&c.source, &c.kind))
+            .map(|(_, c, _)| group.key(&c.kind, &c.reference))
+            .collect();
+        if keys.is_empty() {
+            return send;
+        }
+        let states = match self.store.group_load(&keys).await {
+            Ok(states) => states,
+            Err(e) => {
+                warn!(target = %self.name, error = %e, "could not check a held batch against its group; sending it as it is");
+                return send;
+            }
+        };
+        let mut states = states.into_iter();
+        let mut keep = Vec::with_capacity(send.len());
+        let mut records = Vec::new();
+        for (message, change, shaped) in send {
+            if !group.takes(&change.source, &change.kind) {
+                keep.push((message, change, shaped));
+                continue;
+            }
+            let state = crate::group::ObjectState::parse(states.next().flatten().as_deref());
+            match crate::group::still_current(&state, &change.source, change.seq, change.initial) {
+                Ok(()) => keep.push((message, change, shaped)),
+                Err(why) => {
+                    records.push(record(
+                        &change,
+                        &self.name,
+                        State::Superseded,
+                        message.attempt,
+                        None,
+                        "superseded",
+                        &why,
+                    ));
+                    self.metrics.superseded.inc();
+                    self.settle_ack(message).await;
+                }
+            }
+        }
+        self.write_records(records).await;
+        keep
+    }
+
+    /// Remembers, for a group member, which changes it answered for and the versions it
+    /// confirmed (and when): a change it writes later follows them instead of conflicting
+    /// with them.
+    async fn group_answered(&self, answered: &[(&StoredChange, bool)]) {
+        let Some(group) = &self.group else { return };
+        let taken: Vec<&(&StoredChange, bool)> = answered
+            .iter()
+            .filter(|(c, _)| group.takes(&c.source, &c.kind))
             .collect();
         if taken.is_empty() {
             return;
         }
         let keys: Vec<String> = taken
             .iter()
-            .map(|c| group.key(&c.kind, &c.reference))
+            .map(|(c, _)| group.key(&c.kind, &c.reference))
             .collect();
         let now = unix_ms_now();
         let result = crate::group::update(self.store.as_ref(), &keys, |j, state| {
-            crate::group::delivered(state, &self.name, &taken[j].source, taken[j].seq, now)
+            let (c, ok) = taken[j];
+            crate::group::delivered(state, &self.name, &c.source, c.seq, now, *ok)
         })
         .await;
         if let Err(e) = result {

@@ -142,13 +142,25 @@ impl PushTarget {
         };
         // Send; while the breaker says the target is down, hold the batch and try again
         // (a held batch uses no retry step, so an outage does not walk changes to the DLQ).
-        let answer = if send.is_empty() {
-            Ok(Answer::default())
-        } else {
-            loop {
+        let mut send = send;
+        let mut held = false;
+        let answer = loop {
+            if send.is_empty() {
+                break Ok(Answer::default());
+            }
+            {
                 let Some(probe) = self.breaker.admit(cancel).await else {
                     return; // shutting down: unacked, redelivered after restart
                 };
+                if held {
+                    // Held while the target was down: a group member gets only the current
+                    // versions, checked again right before they go.
+                    send = self.core.group_recheck(send).await;
+                    if send.is_empty() {
+                        self.breaker.release(probe);
+                        break Ok(Answer::default());
+                    }
+                }
                 self.core.metrics.inflight.add(send.len() as i64);
                 let started = Instant::now();
                 let answer = self.post(&send).await;
@@ -160,6 +172,7 @@ impl PushTarget {
                 match answer {
                     Err(SendError::Unreachable(e)) => {
                         if self.breaker.unreachable(probe, &self.core.name, &e) {
+                            held = true;
                             continue;
                         }
                         break Err(e);
@@ -293,6 +306,13 @@ impl Breaker {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep(wait.min(Duration::from_millis(500))) => {}
             }
+        }
+    }
+
+    /// Gives back a probe that sent nothing, so another lane may probe.
+    fn release(&self, probe: bool) {
+        if probe {
+            self.state.lock().expect("breaker lock").probing = false;
         }
     }
 
