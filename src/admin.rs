@@ -446,3 +446,123 @@ pub mod preview {
         Ok(lines)
     }
 }
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResyncRequest {
+    node: String,
+    from: Option<String>,
+}
+
+/// The type of the change that asks a group member for its snapshot.
+pub const RESYNC_TYPE: &str = "lxbridge.Resync";
+
+/// `POST /api/v1/groups/{group}/resync` `{"node": "N", "from": "S"}` (extension): asks member
+/// `S` (default: the first other member in `nodes`) to send its snapshot, every object of
+/// the group's types as an ordinary change marked `"initial": true`, so that `N` is fed
+/// again. The request reaches `S` as a change of type `lxbridge.Resync` in its delivery
+/// (push or inbox), `data` = `{"group", "node", "requested_at"}`. → `202`.
+pub async fn resync_group(
+    State(app): State<Arc<AppState>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check_admin(&app, &headers) {
+        return r;
+    }
+    let Some(g) = app.routes.group_named(&group) else {
+        return error_response(StatusCode::NOT_FOUND, format!("no group {group:?}"));
+    };
+    let request: ResyncRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"node\": \"<member>\", \"from\": \"<member>\"}} (from optional): {e}"),
+            )
+        }
+    };
+    if !g.has(&request.node) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "node: {:?} is not a member of group {group:?}",
+                request.node
+            ),
+        );
+    }
+    let from = match request.from {
+        Some(from) if from == request.node => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "from: a member can't be re-fed from itself",
+            )
+        }
+        Some(from) if !g.has(&from) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("from: {from:?} is not a member of group {group:?}"),
+            )
+        }
+        Some(from) => from,
+        None => match g.members.iter().find(|m| **m != request.node) {
+            Some(m) => m.clone(),
+            None => {
+                return error_response(StatusCode::BAD_REQUEST, "the group has no other member")
+            }
+        },
+    };
+    let now = crate::store::unix_ms_now();
+    let requested_at = crate::store::rfc3339_ms(now);
+    let id = format!("resync-{group}-{}-{now}", request.node);
+    let reference = format!("{group}/{}", request.node);
+    let data = json!({"group": group, "node": request.node, "requested_at": requested_at});
+    let envelope = crate::model::Envelope {
+        id: &id,
+        kind: RESYNC_TYPE,
+        reference: &reference,
+        op: crate::model::Op::Upsert,
+        data: Some(&data),
+        source: &request.node,
+        seq: now,
+        ts: Some(&requested_at),
+        accepted_ms: now,
+        initial: false,
+    };
+    let held = crate::broker::Held {
+        queue: crate::broker::HeldIn::Deliver,
+        attempt: 1,
+        first_failed_ms: None,
+        alone: false,
+        error: None,
+        body: serde_json::to_vec(&envelope).expect("envelope serialises"),
+    };
+    if let Err(e) = app.broker.import(&from, vec![held]).await {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let record = Record {
+        reference: reference.clone(),
+        statuses: Vec::new(),
+        event: Some(HistoryEvent {
+            at: requested_at,
+            target: from.clone(),
+            event: "resync".into(),
+            detail: format!(
+                "{from} asked for its snapshot of group {group} for {}",
+                request.node
+            ),
+        }),
+        mark: None,
+    };
+    if let Err(e) = app.store.record(vec![record]).await {
+        tracing::warn!(error = %e, "could not record the resync request");
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(
+            json!({"group": group, "node": request.node, "from": from, "id": id, "ref": reference}),
+        ),
+    )
+        .into_response()
+}

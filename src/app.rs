@@ -83,6 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin::list_dlq).delete(admin::purge_dlq),
         )
         .route("/api/v1/dlq/{target}/replay", post(admin::replay_dlq))
+        .route("/api/v1/groups/{group}/resync", post(admin::resync_group))
         .route(
             "/api/v1/remap/{target}",
             get(admin::get_remap).put(admin::put_remap),

@@ -24,8 +24,7 @@
 //!   original write); past the group's `max_hops` it is dropped as `loop`. Members that
 //!   rewrite what they receive and send it back can't keep an object circulating.
 //! - **Initial** changes (a member's snapshot for a resync) never change an existing version
-//!   and never conflict: a member gets one only if it doesn't already have that content or
-//!   a newer version.
+//!   and never conflict: every other member gets them, except one that has a newer version.
 
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -316,9 +315,8 @@ pub fn outbound(state: &mut ObjectState, o: &Outbound<'_>) -> Result<(), String>
     let winner = state.winner.clone();
     let member = state.member(o.target);
     if o.initial {
-        if member.has.as_deref() == Some(o.hash) || member.pending.iter().any(|h| h == o.hash) {
-            return Err(format!("{} already has this content", o.target));
-        }
+        // Every member but one that has a newer version gets a snapshot change (a member
+        // restored from an old backup may hold nothing, whatever lxbridge sent it before).
         if let (Some(w), Some(d)) = (&winner, &member.delivered) {
             if w.hash != o.hash && d.node == w.node && d.seq == w.seq {
                 return Err(format!(

@@ -91,6 +91,23 @@ enum Command {
         #[arg(long = "in", value_name = "FILE")]
         input: Option<PathBuf>,
     },
+    /// Ask a member of a group to send its snapshot so that another member is fed again
+    /// (a new or restored copy): the member `--from` receives a change of type
+    /// `lxbridge.Resync` and answers by sending every object of the group's types with
+    /// `"initial": true`.
+    Resync {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The group's name.
+        #[arg(long)]
+        group: String,
+        /// The member to feed again.
+        #[arg(long)]
+        node: String,
+        /// The member that sends its snapshot [default: the first other member].
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Print an object's status per target and its history.
     Status {
         #[command(flatten)]
@@ -195,6 +212,19 @@ fn main() -> ExitCode {
             }),
         }),
         Command::Transform { config, route } => report(transform(config, &route)),
+        Command::Resync {
+            config,
+            group,
+            node,
+            from,
+        } => report(admin_call(config, move |c| {
+            let path = format!("/api/v1/groups/{}/resync", cli::encode_segment(&group));
+            let body = match from {
+                Some(from) => serde_json::json!({"node": node, "from": from}),
+                None => serde_json::json!({"node": node}),
+            };
+            (c, reqwest::Method::POST, path, Some(body))
+        })),
         Command::Demo {
             listen,
             data_dir,

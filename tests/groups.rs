@@ -117,7 +117,13 @@ async fn receive(State(m): State<Arc<Member>>, body: Bytes) -> Response {
     }
     let batch: Value = serde_json::from_slice(&body).expect("JSON");
     let mut echoes = Vec::new();
+    let mut snapshot = false;
     for change in batch["changes"].as_array().unwrap() {
+        if change["type"] == "lxbridge.Resync" {
+            // As the 1C module does: send every object again, marked initial.
+            snapshot = true;
+            continue;
+        }
         let reference = change["ref"].as_str().unwrap().to_string();
         let data = change["data"].clone();
         m.objects
@@ -148,6 +154,14 @@ async fn receive(State(m): State<Arc<Member>>, body: Bytes) -> Response {
             fields.join(",")
         );
         m.send(echo).await;
+    }
+    if snapshot {
+        let objects = m.objects.lock().unwrap().clone();
+        for (reference, data) in objects {
+            let change =
+                json!({"type": "Catalog.Items", "ref": reference, "data": data, "initial": true});
+            m.send(change.to_string()).await;
+        }
     }
     axum::Json(json!({"results": []})).into_response()
 }
@@ -503,7 +517,75 @@ async fn an_echo_is_answered_accepted_recorded_and_not_passed_on(backend: Backen
     bridge.finish().await;
 }
 
+/// A copy restored empty is fed again: `POST /api/v1/groups/{group}/resync` asks another
+/// member for its snapshot (`"initial": true` changes), which reaches the empty copy; an
+/// initial change never displaces the current version.
+async fn resync_feeds_an_emptied_member_again(backend: Backend) {
+    let (bridge, members) = start_group(backend, "resync", "last_writer_wins").await;
+    for i in 0..5 {
+        members[0]
+            .write(
+                &format!("r-{i}"),
+                json!({"Description": format!("item {i}")}),
+            )
+            .await;
+    }
+    eventually(Duration::from_secs(20), "c has the 5 objects", || {
+        members[2].objects.lock().unwrap().len() == 5
+    })
+    .await;
+    settle(&members, Duration::from_secs(1), Duration::from_secs(30)).await;
+    // c is restored from an empty backup.
+    members[2].objects.lock().unwrap().clear();
+    let (status, answer) = admin(
+        &bridge,
+        reqwest::Method::POST,
+        "/api/v1/groups/copies/resync",
+        Some(json!({"node": "c", "from": "a"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["from"], "a");
+    eventually(Duration::from_secs(20), "c has the 5 objects again", || {
+        members[2].objects.lock().unwrap().len() == 5
+    })
+    .await;
+    settle(&members, Duration::from_secs(1), Duration::from_secs(30)).await;
+    let states = snapshot(&members);
+    assert_eq!(states[2], states[0]);
+    assert_eq!(states[1], states[0]);
+    // Bad requests name the problem.
+    for (body, want) in [
+        (json!({"node": "zz"}), "node"),
+        (json!({"node": "c", "from": "c"}), "from"),
+        (json!({"node": "c", "from": "x"}), "from"),
+    ] {
+        let (status, answer) = admin(
+            &bridge,
+            reqwest::Method::POST,
+            "/api/v1/groups/copies/resync",
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().starts_with(want),
+            "{answer}"
+        );
+    }
+    let (status, _) = admin(
+        &bridge,
+        reqwest::Method::POST,
+        "/api/v1/groups/nope/resync",
+        Some(json!({"node": "c"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    bridge.finish().await;
+}
+
 both_backends!(
+    resync_feeds_an_emptied_member_again,
     three_members_converge_after_1000_concurrent_updates,
     the_policy_decides_concurrent_writes_deterministically,
     an_echo_is_answered_accepted_recorded_and_not_passed_on,
