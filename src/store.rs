@@ -13,6 +13,8 @@
 //!   source at that target
 //! - `inbox:<target>`  a pull target's last message number
 //! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
+//! - `g:<group>\t<type>\t<ref>` an object's state in a `[[group]]` (JSON the store does
+//!   not read; replaced by compare-and-set)
 //!
 //! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, a first step to
 //! Cluster; today one script call records up to 200 objects at once, so a single Redis (or

@@ -156,17 +156,14 @@ impl Core {
 
         let mut records = Vec::new();
         for (message, change) in superseded {
-            records.push(record(
-                &change,
-                &self.name,
-                State::Superseded,
-                message.attempt,
-                None,
-                "superseded",
-                "a newer change to this object was accepted",
-            ));
-            self.metrics.superseded.inc();
-            self.settle_ack(message).await;
+            records.push(
+                self.superseded(
+                    message,
+                    &change,
+                    "a newer change to this object was accepted",
+                )
+                .await,
+            );
         }
         for message in already {
             debug!(target = %self.name, "redelivered change already delivered; acking");
@@ -177,17 +174,7 @@ impl Core {
             Some(group) => {
                 let (send, behind) = self.group_outbound(group, send, cancel).await?;
                 for (message, change, why) in behind {
-                    records.push(record(
-                        &change,
-                        &self.name,
-                        State::Superseded,
-                        message.attempt,
-                        None,
-                        "superseded",
-                        &why,
-                    ));
-                    self.metrics.superseded.inc();
-                    self.settle_ack(message).await;
+                    records.push(self.superseded(message, &change, &why).await);
                 }
                 send
             }
@@ -486,23 +473,27 @@ impl Core {
             let state = crate::group::ObjectState::parse(states.next().flatten().as_deref());
             match crate::group::still_current(&state, &change.source, change.seq, change.initial) {
                 Ok(()) => keep.push((message, change, shaped)),
-                Err(why) => {
-                    records.push(record(
-                        &change,
-                        &self.name,
-                        State::Superseded,
-                        message.attempt,
-                        None,
-                        "superseded",
-                        &why,
-                    ));
-                    self.metrics.superseded.inc();
-                    self.settle_ack(message).await;
-                }
+                Err(why) => records.push(self.superseded(message, &change, &why).await),
             }
         }
         self.write_records(records).await;
         keep
+    }
+
+    /// Acks a change that won't be sent because a newer one replaces it; its record.
+    async fn superseded(&self, message: Incoming, change: &StoredChange, why: &str) -> Record {
+        let r = record(
+            change,
+            &self.name,
+            State::Superseded,
+            message.attempt,
+            None,
+            "superseded",
+            why,
+        );
+        self.metrics.superseded.inc();
+        self.settle_ack(message).await;
+        r
     }
 
     /// Remembers, for a group member, which changes it answered for and the versions it
