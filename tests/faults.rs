@@ -195,17 +195,7 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing(backend: Backend) {
         .inner
         .delay_ms
         .store(20, std::sync::atomic::Ordering::SeqCst);
-    let prefix = unique_prefix("sigterm");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let text = render(backend, &config(&target), &prefix, AMQP_URL)
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
-    std::fs::write(&path, &text).unwrap();
-    let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let (path, parsed, base) = binary_config(backend, &target, "sigterm");
     let http = reqwest::Client::new();
 
     let mut child = spawn_binary(&path);
@@ -299,6 +289,27 @@ impl Drop for Child {
     }
 }
 
+/// A config file for the lxbridge binary on a free port: its path, the parsed config (for
+/// cleanup) and the base URL.
+fn binary_config(
+    backend: Backend,
+    target: &Target,
+    name: &str,
+) -> (std::path::PathBuf, lxbridge::config::Config, String) {
+    let prefix = unique_prefix(name);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = render(backend, &config(target), &prefix, AMQP_URL)
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
+    std::fs::write(&path, &text).unwrap();
+    let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
+    (path, parsed, format!("http://127.0.0.1:{port}"))
+}
+
 /// Starts the lxbridge binary on a config file.
 fn spawn_binary(path: &std::path::Path) -> Child {
     Child(
@@ -336,18 +347,7 @@ async fn kill_9_under_load_loses_nothing_accepted(backend: Backend) {
         .inner
         .delay_ms
         .store(20, std::sync::atomic::Ordering::SeqCst);
-    let prefix = unique_prefix("kill9");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = render(backend, &config(&target), &prefix, AMQP_URL)
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
-    std::fs::write(&path, &text).unwrap();
-    let parsed = lxbridge::config::Config::parse(&text, "t").unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let (path, parsed, base) = binary_config(backend, &target, "kill9");
     let http = reqwest::Client::new();
 
     let mut child = spawn_binary(&path);
