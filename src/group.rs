@@ -112,9 +112,6 @@ pub struct MemberState {
     /// Hashes of content sent to the member and not yet echoed, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
-    /// The hash of the content the member has, as far as lxbridge knows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub has: Option<String>,
     /// Since when a delivery to the member is on its way (sent, not yet answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inflight_since: Option<i64>,
@@ -185,7 +182,6 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
     let member = state.member(&c.node);
     if let Some(i) = member.pending.iter().position(|h| *h == c.hash) {
         member.pending.drain(..=i);
-        member.has = Some(c.hash.clone());
         return Admit::Echo(format!(
             "{} wrote back what lxbridge delivered to it",
             c.node
@@ -199,7 +195,6 @@ pub fn admit(group: &Group, state: &mut ObjectState, c: &Candidate) -> Admit {
     // written: the member may hold that now, not this change.
     let crossed =
         member.inflight_since.is_some() || delivered.as_ref().is_some_and(|d| d.at_ms >= c.ts_ms);
-    member.has = Some(c.hash.clone());
     let crossing = |v: &Version| {
         crossed.then(|| {
             format!(
@@ -312,12 +307,15 @@ pub struct Outbound<'a> {
 /// Whether to send a member's change to another member; when sending, its content is
 /// remembered as awaiting the echo. `Err` carries why it is superseded.
 pub fn outbound(state: &mut ObjectState, o: &Outbound<'_>) -> Result<(), String> {
-    let winner = state.winner.clone();
-    let member = state.member(o.target);
+    still_current(state, o.source, o.seq, o.initial)?;
     if o.initial {
         // Every member but one that has a newer version gets a snapshot change (a member
         // restored from an old backup may hold nothing, whatever lxbridge sent it before).
-        if let (Some(w), Some(d)) = (&winner, &member.delivered) {
+        let delivered = state
+            .members
+            .get(o.target)
+            .and_then(|m| m.delivered.as_ref());
+        if let (Some(w), Some(d)) = (&state.winner, delivered) {
             if w.hash != o.hash && d.node == w.node && d.seq == w.seq {
                 return Err(format!(
                     "{} already has a newer version: {}",
@@ -326,16 +324,12 @@ pub fn outbound(state: &mut ObjectState, o: &Outbound<'_>) -> Result<(), String>
                 ));
             }
         }
-    } else if let Some(w) = &winner {
-        if w.node != o.source || w.seq != o.seq {
-            return Err(format!("the group's current version is {}", describe(w)));
-        }
     }
+    let member = state.member(o.target);
     member.pending.push(o.hash.to_string());
     if member.pending.len() > PENDING_MAX {
         member.pending.remove(0);
     }
-    member.has = Some(o.hash.to_string());
     member.inflight_since = Some(o.at_ms);
     Ok(())
 }
