@@ -224,6 +224,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
             metrics: metrics.target(name),
             shaping: shaping(&config, name, deliver)?,
             group: routes.group_of(name).cloned(),
+            seen: Default::default(),
         })
     };
     let mut inboxes = HashMap::new();
@@ -343,7 +344,8 @@ fn shaping(config: &Config, target: &str, deliver: &DeliverConfig) -> Result<Sha
     })
 }
 
-/// Every few seconds: pings the store into `lx_store_up` and reads the DLQ and retry queue
+/// Every second: steps the store's loss marker (`lx_store_up`; a loss is logged once and
+/// counted in `lx_store_losses_total`); every five seconds: reads the DLQ and retry queue
 /// depths into `lx_dlq_messages` and `lx_retry_messages`.
 fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &TaskTracker) {
     let state = state.clone();
@@ -355,18 +357,36 @@ fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &
             .filter(|n| n.deliver.is_some())
             .map(|n| n.name.clone())
             .collect();
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // The store every second (one INCR: it also tells a store that forgot), the queue
+        // depths every fifth.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let store_up = matches!(
-                tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await,
-                Ok(Ok(()))
-            );
-            state.metrics.store_up.set(i64::from(store_up));
+            let check = tokio::time::timeout(Duration::from_secs(2), state.store.check_loss())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::store::StoreError::Unavailable("no answer within 2s".into()))
+                });
+            state.metrics.store_up.set(i64::from(check.is_ok()));
+            if let Ok(true) = check {
+                state.metrics.store_losses.inc();
+                tracing::error!(
+                    store = "redis",
+                    lost = "idempotency keys, delivery marks, statuses, history and group states written before",
+                    kept = "sequence and inbox numbers continue above the clock floor; delivery marks this instance raised are kept in its memory",
+                    risk = "a change a client repeats may be delivered twice; an object another instance served may get an older change",
+                    "the store lost data (Redis restarted empty or an older replica took over); carrying on"
+                );
+            }
+            ticks += 1;
+            if ticks % 5 != 1 {
+                continue;
+            }
             for target in &targets {
                 if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
                     state

@@ -169,11 +169,19 @@ impl Default for EmbeddedConfig {
     }
 }
 
+/// The most partitions a target's delivery queue may have (`broker.partitions`).
+pub const MAX_PARTITIONS: u16 = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     pub url: String,
     pub prefix: String,
+    /// Extension: how many partitions each push target's delivery queue has. An object
+    /// lives in one partition (by a hash of its ref); each partition is delivered by one
+    /// instance at a time (single active consumer), and the partitions are shared out among
+    /// the running instances.
+    pub partitions: u16,
 }
 
 impl Default for BrokerConfig {
@@ -181,6 +189,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "lx".into(),
+            partitions: 4,
         }
     }
 }
@@ -580,6 +589,12 @@ impl Config {
         {
             problems.push(format!(
                 "broker.prefix {prefix:?} must be 1-64 characters of a-z, A-Z, 0-9, _, - or ."
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&self.broker.partitions) {
+            problems.push(format!(
+                "broker.partitions {} must be 1-{MAX_PARTITIONS}",
+                self.broker.partitions
             ));
         }
         if self.backend == Backend::Rabbit && !self.store.redis_url.starts_with("redis://") {

@@ -462,7 +462,7 @@ fn write_canonical(v: &Value, out: &mut String) {
 }
 
 /// FNV-1a, 64 bits: stable across versions and platforms (hashes are stored).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

@@ -7,9 +7,12 @@
 //! reports as accepted.
 
 use crate::broker::{Held, HeldIn, Outgoing, PublishOutcome};
+use crate::deliver::pull;
 use crate::group::{self, Admit, Candidate};
 use crate::model::{parse_change, Change, Envelope, Op};
-use crate::store::{HistoryEvent, IdState, Record, State as ObjState, StatusUpdate};
+use crate::store::{
+    HistoryEvent, IdState, Record, State as ObjState, StatusUpdate, PENDING_ID_RENEW,
+};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -389,6 +392,9 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
             }
         }
     }
+    // The reservations are short (a dead instance's expire within seconds): renewed while
+    // this request publishes, until it commits or releases them (or this guard drops).
+    let renewal = KeepReserved::start(app, node, &reserved);
 
     // Envelopes for everything still to publish.
     let accepted_ms = crate::store::unix_ms_now();
@@ -423,6 +429,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         outgoing.push(Outgoing {
             kind: change.kind.clone(),
             id: id.clone(),
+            partition: crate::route::partition(&change.reference, app.config.broker.partitions),
             body,
         });
         outgoing_owner.push(i);
@@ -515,6 +522,7 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
     }
 
     // Remember accepted ids for the dedupe window; forget the rest so a retry is fresh.
+    drop(renewal);
     let mut commit: Vec<&str> = Vec::new();
     let mut release: Vec<&str> = Vec::new();
     for (id, &owner) in given_ids.iter().zip(&id_owner) {
@@ -606,6 +614,39 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         info!(%node, accepted = answer.accepted, rejected = answer.rejected, "changes partly rejected");
     }
     (status, Json(answer)).into_response()
+}
+
+/// Renews a request's idempotency reservations every [`PENDING_ID_RENEW`] while it is
+/// alive (a task; dropping the guard ends it). A reservation that is no longer pending is
+/// left as it is, so a late renewal can't undo a commit or a release.
+struct KeepReserved(Option<tokio::task::JoinHandle<()>>);
+
+impl KeepReserved {
+    fn start(app: &AppState, node: &str, ids: &[&str]) -> KeepReserved {
+        if ids.is_empty() {
+            return KeepReserved(None);
+        }
+        let store = app.store.clone();
+        let node = node.to_string();
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        KeepReserved(Some(tokio::spawn(async move {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            loop {
+                tokio::time::sleep(PENDING_ID_RENEW).await;
+                if let Err(e) = store.renew_ids(&node, &ids).await {
+                    warn!(%node, error = %e, "could not renew idempotency reservations; a retry may be accepted while this request still publishes");
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for KeepReserved {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Parallel copies: the group verdict for each message about to be published whose change
@@ -805,12 +846,8 @@ pub struct InboxQuery {
 /// The longest a poll may wait for changes.
 const MAX_WAIT_SECS: u64 = 120;
 
-/// Node auth and the node's inbox, or the error answer.
-fn inbox_of<'a>(
-    app: &'a AppState,
-    node: &str,
-    headers: &HeaderMap,
-) -> Result<&'a std::sync::Arc<crate::deliver::pull::Inbox>, Response> {
+/// Node auth and that the node pulls, or the error answer.
+fn check_puller(app: &AppState, node: &str, headers: &HeaderMap) -> Result<(), Response> {
     let Some(node_config) = app.config.node(node) else {
         return Err(error_response(
             StatusCode::NOT_FOUND,
@@ -820,13 +857,34 @@ fn inbox_of<'a>(
     if let Err(why) = authorised(headers, node, &node_config.token) {
         return Err(node_unauthorized(why));
     }
-    app.inboxes.get(node).ok_or_else(|| {
-        error_response(
+    let pulls = node_config
+        .deliver
+        .as_ref()
+        .is_some_and(|d| d.mode == crate::config::DeliverMode::Pull);
+    if !pulls {
+        return Err(error_response(
             StatusCode::NOT_FOUND,
             format!("node {node:?} has no inbox: its [node.deliver] mode is not \"pull\""),
-        )
-    })
+        ));
+    }
+    Ok(())
 }
+
+/// The inbox's answer as the node gets it.
+fn inbox_response(reply: pull::Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() {
+        return (status, Json(reply.body)).into_response();
+    }
+    let error = reply.body["error"]
+        .as_str()
+        .unwrap_or("inbox failed")
+        .to_string();
+    error_response(status, error)
+}
+
+/// How long an ack may take at the instance serving the inbox.
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `GET /api/v1/nodes/{node}/inbox?limit=100&wait=25`
 pub async fn get_inbox(
@@ -835,10 +893,9 @@ pub async fn get_inbox(
     query: Result<axum::extract::Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let inbox = match inbox_of(&app, &node, &headers) {
-        Ok(inbox) => inbox,
-        Err(r) => return r,
-    };
+    if let Err(r) = check_puller(&app, &node, &headers) {
+        return r;
+    }
     let Ok(axum::extract::Query(query)) = query else {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -846,12 +903,15 @@ pub async fn get_inbox(
         );
     };
     let wait = std::time::Duration::from_secs(query.wait.unwrap_or(25).min(MAX_WAIT_SECS));
-    match inbox
-        .poll(query.limit.unwrap_or(usize::MAX), wait, &app.shutdown)
-        .await
-    {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    let request = pull::Request::Poll {
+        limit: query.limit.unwrap_or(usize::MAX),
+        wait_ms: wait.as_millis() as u64,
+    };
+    // The instance serving the inbox may be another one: give it time to answer.
+    let timeout = wait + std::time::Duration::from_secs(10);
+    tokio::select! {
+        reply = pull::call(app.broker.as_ref(), &node, &request, timeout) => inbox_response(reply),
+        _ = app.shutdown.cancelled() => Json(json!({ "message_no": null, "changes": [] })).into_response(),
     }
 }
 
@@ -869,10 +929,9 @@ pub async fn post_inbox_ack(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let inbox = match inbox_of(&app, &node, &headers) {
-        Ok(inbox) => inbox,
-        Err(r) => return r,
-    };
+    if let Err(r) = check_puller(&app, &node, &headers) {
+        return r;
+    }
     let ack: InboxAck = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => {
@@ -882,11 +941,15 @@ pub async fn post_inbox_ack(
             )
         }
     };
-    match inbox.ack(ack.message_no, ack.results.as_ref()).await {
-        Ok(confirmed) => Json(json!({ "confirmed": confirmed })).into_response(),
-        Err(e @ crate::deliver::pull::InboxError::Unavailable(_)) => {
-            error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-        Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    if ack.results.as_ref().is_some_and(|r| !r.is_array()) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "results: expected an array of {id, status, error, retry}",
+        );
     }
+    let request = pull::Request::Ack {
+        message_no: ack.message_no,
+        results: ack.results,
+    };
+    inbox_response(pull::call(app.broker.as_ref(), &node, &request, ACK_TIMEOUT).await)
 }

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     pub broker_up: IntGauge,
     pub store_up: IntGauge,
+    /// Times this process found that the store forgot its data (Redis restarted empty, or
+    /// an older replica took over).
+    pub store_losses: IntCounter,
     pub breaker_open: IntGaugeVec,
     pub group_changes: IntCounterVec,
 }
@@ -71,6 +74,14 @@ fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -
         .register(Box::new(h.clone()))
         .expect("metric registers once");
     h
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registers once");
+    c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -163,6 +174,11 @@ impl Metrics {
                 "1 while the publishing connection to RabbitMQ is up",
             ),
             store_up: gauge(&r, "lx_store_up", "1 while the store (Redis) answers"),
+            store_losses: counter(
+                &r,
+                "lx_store_losses_total",
+                "Times the store (Redis) was found to have lost its data (restarted empty, or an older replica took over)",
+            ),
             breaker_open: gauge_vec(
                 &r,
                 "lx_breaker_open",

@@ -27,6 +27,12 @@ pub struct Routes {
 }
 
 /// Turns a route pattern into the topic pattern the broker uses.
+/// The partition of a target's delivery queue that an object's changes go to: a stable hash
+/// of its ref (FNV-1a), so every instance and every restart agrees.
+pub fn partition(reference: &str, partitions: u16) -> u16 {
+    (crate::group::fnv1a(reference.as_bytes()) % u64::from(partitions.max(1))) as u16
+}
+
 pub fn topic_pattern(pattern: &str) -> String {
     if pattern == "*" {
         "#".to_string()
@@ -211,5 +217,25 @@ types = ["Document.Order"]
         assert!(routes
             .bindings()
             .any(|b| b.target == "erp" && b.pattern == "#"));
+    }
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        assert_eq!(partition("anything", 1), 0);
+        let refs: Vec<String> = (0..400).map(|i| format!("obj-{i}")).collect();
+        let mut counts = [0usize; 4];
+        for r in &refs {
+            let p = partition(r, 4);
+            assert_eq!(p, partition(r, 4));
+            counts[usize::from(p)] += 1;
+        }
+        // A hash that spreads: every partition gets a fair share of 400 refs.
+        assert!(
+            counts.iter().all(|&c| (60..=140).contains(&c)),
+            "{counts:?}"
+        );
+        // Fixed forever: the value is where an object's changes already wait.
+        assert_eq!(partition("5f1c0000-0000-0000-0000-000000000001", 4), 1);
+        assert_eq!(partition("obj-7", 8), 6);
     }
 }

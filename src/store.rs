@@ -6,12 +6,14 @@
 //! production one. Key layout (all under `<prefix>:`), documented in ARCHITECTURE.md:
 //! - `d:<node>:<id>`   idempotency key: `p` while its change is being published, `1` once
 //!   accepted (≈ 90–120 bytes of Redis memory for typical ids, measured with MEMORY USAGE)
-//! - `seq:<node>`      the node's sequence counter
+//! - `seq:<node>`      the node's sequence counter, floored by Redis's clock in µs
 //! - `o:{<ref>}`       hash: `<target>\t<type>` → status JSON
 //! - `h:{<ref>}`       list of history events (JSON), bounded
 //! - `m:<target>:<source>:{<ref>}:<type>` last delivered seq of that object from that
 //!   source at that target
-//! - `inbox:<target>`  a pull target's last message number
+//! - `inbox:<target>`  a pull target's last message number, floored like `seq:<node>`
+//! - `beat`            a counter every instance increments each second: a value not above
+//!   the last one it saw means Redis forgot (restarted empty, or an older replica took over)
 //! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
 //! - `g:<group>\t<type>\t<ref>` an object's state in a `[[group]]` (JSON the store does
 //!   not read; replaced by compare-and-set)
@@ -165,6 +167,9 @@ pub enum IdState {
 
 pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Steps the store's loss marker: true when the store forgot what it held since the
+    /// last call (Redis restarted empty, or an older replica took over). Also a ping.
+    fn check_loss(&self) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Reserves `ids` (pending until [`Store::commit_ids`]) and `seqs_needed` sequence numbers.
     fn admit<'a>(
         &'a self,
@@ -174,6 +179,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Admission, StoreError>>;
     /// Remembers ids of accepted changes for the dedupe window.
     fn commit_ids<'a>(
+        &'a self,
+        node: &'a str,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Extends the reservation of ids still pending (their change is still being published)
+    /// by [`PENDING_ID_TTL_SECS`]; accepted or released ids are left as they are.
+    fn renew_ids<'a>(
         &'a self,
         node: &'a str,
         ids: &'a [&'a str],
@@ -313,6 +325,30 @@ end
 return out
 "#;
 
+/// Allocates `ARGV[1]` numbers from the counter `KEYS[1]` and returns the last one. The
+/// counter never goes below Redis's clock in microseconds, so its numbers keep growing when
+/// Redis comes back empty or from a replica that missed the last writes (≈ 1.8e15 today:
+/// below 2^53, exact in Lua's doubles and in JSON). `%.0f`: Lua 5.1 prints other numbers
+/// this large in exponent form.
+const COUNTER_LUA: &str = r#"
+local n = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = math.max(cur, now) + n
+redis.call('SET', KEYS[1], string.format('%.0f', last))
+return last
+"#;
+
+/// Extends pending idempotency keys: `PEXPIRE` only while the value is still `p`.
+/// ARGV[1] milliseconds.
+const RENEW_LUA: &str = r#"
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == 'p' then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#;
+
 /// Objects recorded per script call.
 const RECORDS_PER_CALL: usize = 200;
 
@@ -323,8 +359,13 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 const ID_PENDING: &str = "p";
 const ID_ACCEPTED: &str = "1";
 
-/// How long an idempotency key stays reserved while its change is being published.
-pub(crate) const PENDING_ID_TTL_SECS: u64 = 300;
+/// How long an idempotency key stays reserved while its change is being published: short,
+/// so that a client's retry through another instance is accepted a few seconds after the
+/// instance publishing it died; ingress renews it every [`PENDING_ID_RENEW`] meanwhile.
+pub const PENDING_ID_TTL_SECS: u64 = 6;
+
+/// How often ingress renews the reservations of the changes it is publishing.
+pub const PENDING_ID_RENEW: Duration = Duration::from_secs(2);
 
 pub struct RedisStore {
     pool: deadpool_redis::Pool,
@@ -335,6 +376,10 @@ pub struct RedisStore {
     history_max: usize,
     record_script: redis::Script,
     group_cas_script: redis::Script,
+    counter_script: redis::Script,
+    renew_script: redis::Script,
+    /// The last value of the `beat` key this process saw (0: none yet).
+    last_beat: std::sync::atomic::AtomicI64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -387,6 +432,9 @@ impl RedisStore {
             history_max,
             record_script: redis::Script::new(RECORD_LUA),
             group_cas_script: redis::Script::new(GROUP_CAS_LUA),
+            counter_script: redis::Script::new(COUNTER_LUA),
+            renew_script: redis::Script::new(RENEW_LUA),
+            last_beat: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -478,6 +526,21 @@ impl Store for RedisStore {
         })
     }
 
+    fn check_loss(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.timed(async move {
+            let mut conn = self.conn().await?;
+            let beat: i64 = redis::cmd("INCR")
+                .arg(format!("{}:beat", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))?;
+            let before = self
+                .last_beat
+                .swap(beat, std::sync::atomic::Ordering::SeqCst);
+            Ok(beat <= before)
+        })
+    }
+
     fn admit<'a>(
         &'a self,
         node: &'a str,
@@ -498,7 +561,11 @@ impl Store for RedisStore {
                     .arg("EX")
                     .arg(PENDING_ID_TTL_SECS);
             }
-            pipe.cmd("INCRBY")
+            // EVAL, not EVALSHA: a Redis that lost its script cache must not fail the
+            // pipeline after the SETs above took effect.
+            pipe.cmd("EVAL")
+                .arg(COUNTER_LUA)
+                .arg(1)
                 .arg(format!("{}:seq:{node}", self.prefix))
                 .arg(seqs_needed);
             let replies: Vec<redis::Value> = pipe
@@ -550,6 +617,27 @@ impl Store for RedisStore {
                     .ignore();
             }
             pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))
+        })
+    }
+
+    fn renew_ids<'a>(
+        &'a self,
+        node: &'a str,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.timed(async move {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.conn().await?;
+            let mut call = self.renew_script.prepare_invoke();
+            call.arg(PENDING_ID_TTL_SECS * 1000);
+            for id in ids {
+                call.key(self.id_key(node, id));
+            }
+            call.invoke_async::<()>(&mut conn)
                 .await
                 .map_err(|e| self.failed(e))
         })
@@ -745,9 +833,10 @@ impl Store for RedisStore {
     fn next_message_no<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Result<i64, StoreError>> {
         self.timed(async move {
             let mut conn = self.conn().await?;
-            redis::cmd("INCR")
-                .arg(format!("{}:inbox:{target}", self.prefix))
-                .query_async(&mut conn)
+            self.counter_script
+                .key(format!("{}:inbox:{target}", self.prefix))
+                .arg(1)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.failed(e))
         })

@@ -300,33 +300,25 @@ impl Bridge {
     }
 }
 
-async fn cleanup(args: &Args, prefix: &str, targets: usize) {
+async fn cleanup(args: &Args, prefix: &str) {
     if args.backend == "embedded" {
         let _ = std::fs::remove_dir_all(embedded_dir(prefix));
         return;
     }
     if let Ok(conn) = Connection::connect(&args.amqp, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .exchange_delete(
-                    format!("{prefix}.node.central").as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-            let mut queues = vec![format!("{prefix}.baseline")];
-            for t in 0..targets {
+            // What the bridge declared for the config it ran with, and the baseline's queue.
+            let config = lxbridge::config::Config::parse(
+                &bridge_config(prefix, 0, "http://127.0.0.1:1", args),
+                "bench",
+            )
+            .expect("the bench config parses");
+            let (exchanges, mut queues) = lxbridge::broker::declared_names(&config);
+            queues.push(format!("{prefix}.baseline"));
+            for x in exchanges {
                 let _ = ch
-                    .exchange_delete(
-                        format!("{prefix}.node.sink{t}").as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
+                    .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                     .await;
-                queues.push(format!("{prefix}.deliver.sink{t}"));
-                queues.push(format!("{prefix}.dlq.sink{t}"));
-                // up to the 5 steps of the default retry.delays (the pull scenario uses them)
-                for step in 1..=5 {
-                    queues.push(format!("{prefix}.retry.sink{t}.{step}"));
-                }
             }
             for q in queues {
                 let _ = ch
@@ -493,7 +485,7 @@ async fn run_bridge(args: &Args) -> Value {
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     bridge.stop();
     server.abort();
-    cleanup(args, &prefix, args.targets).await;
+    cleanup(args, &prefix).await;
     json!({
         "accepted_per_s": round3(args.n as f64 / accept_secs),
         "delivered_per_s": round3(sink.received.load(Ordering::SeqCst) as f64 / total_secs),
@@ -816,7 +808,7 @@ async fn pull_latency_on(args: &Args) {
         .collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     bridge.stop();
-    cleanup(args, &prefix, 1).await;
+    cleanup(args, &prefix).await;
     println!(
         "{}",
         json!({"scenario": "pull-latency", "backend": args.backend, "n": n, "received": latencies.len(),

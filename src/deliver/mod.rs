@@ -83,6 +83,75 @@ pub struct Core {
     pub shaping: Shaping,
     /// The `[[group]]` this target is a member of.
     pub group: Option<Arc<crate::group::Group>>,
+    /// The delivery marks this process raised, kept beside the store's.
+    pub seen: SeenMarks,
+}
+
+/// The delivery marks a process raised for one target, kept in memory: after the store lost
+/// its marks (Redis restarted empty, or an older replica took over), an older change coming
+/// back from a retry step is still recognised as superseded by the newer one this process
+/// delivered. The marks check uses the higher of the store's mark and this one. Bounded: at
+/// most [`SeenMarks::MAX`] objects, forgotten all at once when full. It protects only what
+/// this process delivered, so only while the same instance keeps serving the object.
+#[derive(Default)]
+pub struct SeenMarks {
+    /// (source, type, ref) → the last seq the target confirmed.
+    marks: std::sync::Mutex<HashMap<(String, String, String), i64>>,
+}
+
+impl SeenMarks {
+    /// Objects remembered at most.
+    pub const MAX: usize = 100_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), i64>> {
+        // A panic while holding the lock can't leave the map inconsistent: use it as it is.
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises the mark of (source, type, ref) to `seq` (never lowers it).
+    pub fn raise(&self, source: &str, kind: &str, reference: &str, seq: i64) {
+        let mut marks = self.lock();
+        let key = (source.to_string(), kind.to_string(), reference.to_string());
+        if let Some(m) = marks.get_mut(&key) {
+            *m = (*m).max(seq);
+            return;
+        }
+        if marks.len() >= Self::MAX {
+            marks.clear();
+        }
+        marks.insert(key, seq);
+    }
+
+    /// The higher of `stored` (the store's mark) and the one remembered, per key.
+    pub fn merge(&self, keys: &[MarkKey<'_>], stored: Vec<Option<i64>>) -> Vec<Option<i64>> {
+        let marks = self.lock();
+        if marks.is_empty() {
+            return stored;
+        }
+        keys.iter()
+            .zip(stored)
+            .map(|(k, s)| {
+                let key = (
+                    k.source.to_string(),
+                    k.kind.to_string(),
+                    k.reference.to_string(),
+                );
+                match (s, marks.get(&key).copied()) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
+            })
+            .collect()
+    }
+
+    /// Objects remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A batch ready to hand to the target, with what was settled or failed on the way.
@@ -123,6 +192,9 @@ impl Core {
             else {
                 return None; // unacked: redelivered after restart
             };
+            // The store's marks, raised to what this process delivered (the store may have
+            // lost them).
+            let marks = self.seen.merge(&keys, marks);
             let marks: HashMap<ObjectKey<'_>, i64> = keys
                 .iter()
                 .zip(marks)
@@ -283,6 +355,8 @@ impl Core {
                 kind: change.kind.clone(),
                 seq: change.seq,
             });
+            self.seen
+                .raise(&change.source, &change.kind, &change.reference, change.seq);
             records.push(r);
         }
         self.write_records(std::mem::take(&mut records)).await;
@@ -545,6 +619,10 @@ impl Core {
     /// Reads a consumed message as a change; one that is not (it can never be delivered) is
     /// dead-lettered with the reason at once.
     pub(crate) async fn read(&self, message: Incoming) -> Option<(Incoming, StoredChange)> {
+        if message.is_stale() {
+            // Its consumer is gone; the broker gives it out again.
+            return None;
+        }
         match serde_json::from_slice(&message.body) {
             Ok(change) => Some((message, change)),
             Err(e) => {
@@ -1004,6 +1082,41 @@ enum Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seen_marks_raise_only_merge_the_higher_and_stay_bounded() {
+        let seen = SeenMarks::default();
+        let key = |reference| MarkKey {
+            source: "central",
+            kind: "Catalog.X",
+            reference,
+        };
+        let keys = [key("a"), key("b"), key("c")];
+        // Nothing remembered: the store's marks as they are.
+        assert_eq!(
+            seen.merge(&keys, vec![Some(5), None, None]),
+            [Some(5), None, None]
+        );
+        seen.raise("central", "Catalog.X", "a", 7);
+        seen.raise("central", "Catalog.X", "a", 3); // never lowered
+        seen.raise("central", "Catalog.X", "b", 9);
+        seen.raise("shop", "Catalog.X", "c", 9); // another source: another object
+        assert_eq!(
+            seen.merge(&keys, vec![Some(5), Some(12), None]),
+            [Some(7), Some(12), None],
+            "the higher of store and memory; the store lost a's mark, not c's"
+        );
+        assert_eq!(
+            seen.merge(&keys, vec![None, None, None]),
+            [Some(7), Some(9), None]
+        );
+        // Bounded: full, it forgets everything before remembering more.
+        for i in 0..SeenMarks::MAX {
+            seen.raise("central", "Catalog.Y", &i.to_string(), 1);
+        }
+        assert!(seen.len() <= SeenMarks::MAX);
+        assert_eq!(seen.merge(&keys[..1], vec![None]), [None]);
+    }
 
     #[test]
     fn per_change_results() {

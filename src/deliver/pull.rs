@@ -15,12 +15,16 @@
 //!   message, so that is the outstanding one when N is at least its first number; a number
 //!   below that was confirmed before (or belonged to a process that was restarted: its changes
 //!   went back to the queue and come again in a new message) and confirms nothing;
-//! - the inbox lives in one lxbridge process: run a pull target's polling against one
-//!   instance (or sticky), since each instance keeps its own outstanding message.
+//! - one instance serves the inbox ([`crate::broker::Broker::inbox_serve`]): a poll or an
+//!   ack that reaches another instance is handed to it and its answer relayed ([`call`]),
+//!   so a node may poll one instance and ack another. Only the serving instance consumes
+//!   the target's queue; when it goes, another serves, and the changes of its unconfirmed
+//!   message come again in a new message (as after a restart).
 
 use super::{outgoing, parse_answer, Core, Prepared, Shaped};
-use crate::broker::Incoming;
+use crate::broker::{Broker, InboxCall, Incoming};
 use crate::model::StoredChange;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -82,8 +86,20 @@ impl Inbox {
         })
     }
 
-    /// Starts taking the target's queue into the inbox, until `cancel`.
+    /// Starts answering the inbox's requests and taking the target's queue into the inbox,
+    /// until `cancel`.
     pub fn start(self: &Arc<Self>, cancel: CancellationToken, tracker: &TaskTracker) {
+        let mut calls = self.core.broker.inbox_serve(&self.core.name);
+        let (inbox, stop) = (self.clone(), cancel.clone());
+        tracker.spawn(async move {
+            loop {
+                let call = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    c = calls.recv() => match c { Some(c) => c, None => break },
+                };
+                tokio::spawn(inbox.clone().answer(call, stop.clone()));
+            }
+        });
         let prefetch = (self.batch_max * 4).clamp(1, 10_000) as u16;
         let mut incoming = self.core.broker.consume(&self.core.name, prefetch);
         let inbox = self.clone();
@@ -103,6 +119,47 @@ impl Inbox {
         });
     }
 
+    /// Answers one request handed over by the broker.
+    async fn answer(self: Arc<Self>, call: InboxCall, cancel: CancellationToken) {
+        let reply = match serde_json::from_slice::<Request>(&call.body) {
+            Ok(Request::Poll { limit, wait_ms }) => {
+                match self
+                    .poll(limit, Duration::from_millis(wait_ms), &cancel)
+                    .await
+                {
+                    Ok(body) => Reply::new(200, body),
+                    Err(e) => Reply::error(503, e.to_string()),
+                }
+            }
+            Ok(Request::Ack {
+                message_no,
+                results,
+            }) => match self.ack(message_no, results.as_ref()).await {
+                Ok(confirmed) => Reply::new(200, json!({ "confirmed": confirmed })),
+                Err(e @ InboxError::Unavailable(_)) => Reply::error(503, e.to_string()),
+                Err(e) => Reply::error(400, e.to_string()),
+            },
+            Err(e) => Reply::error(400, format!("not an inbox request: {e}")),
+        };
+        let body = serde_json::to_vec(&reply).expect("reply serialises");
+        let _ = call.reply.send(body);
+    }
+
+    /// Drops what can no longer be settled (its consumer is gone): pending changes, and the
+    /// outstanding message if any of its changes is such. The broker gives them out again.
+    fn drop_stale(&self, state: &mut State) {
+        state.pending.retain(|(m, _)| !m.is_stale());
+        let stale = state
+            .outstanding
+            .as_ref()
+            .is_some_and(|o| o.items.iter().any(|(m, _, _)| m.is_stale()));
+        if stale {
+            let o = state.outstanding.take().expect("checked above");
+            self.core.metrics.inflight.sub(o.items.len() as i64);
+            warn!(target = %self.core.name, message_no = o.no, "the unconfirmed inbox message was lost with the broker connection; its changes come again in a new message");
+        }
+    }
+
     /// `GET …/inbox?limit=&wait=`: the outstanding message, or a new one once changes are
     /// there (waiting up to `wait`), or `{"message_no": null, "changes": []}`.
     pub async fn poll(
@@ -118,6 +175,7 @@ impl Inbox {
             arrived.borrow_and_update();
             {
                 let mut state = self.state.lock().await;
+                self.drop_stale(&mut state);
                 if let Some(o) = state.outstanding.as_mut() {
                     if Instant::now() >= o.leased_until {
                         // The lease ran out: offer the same changes again under a new number.
@@ -188,6 +246,7 @@ impl Inbox {
             }
         };
         let mut state = self.state.lock().await;
+        self.drop_stale(&mut state);
         let Some(o) = state.outstanding.as_ref() else {
             return Ok(0);
         };
@@ -224,4 +283,55 @@ impl Inbox {
 
 fn empty() -> Value {
     json!({ "message_no": null, "changes": [] })
+}
+
+/// A request to an inbox, as it travels to the instance that serves it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Poll {
+        limit: usize,
+        wait_ms: u64,
+    },
+    Ack {
+        message_no: i64,
+        results: Option<Value>,
+    },
+}
+
+/// An inbox's answer: the HTTP status and JSON body the node gets.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    fn new(status: u16, body: Value) -> Reply {
+        Reply { status, body }
+    }
+
+    fn error(status: u16, error: String) -> Reply {
+        Reply::new(status, json!({ "error": error }))
+    }
+}
+
+/// Sends a request to the target's inbox, wherever it is served, and waits at most
+/// `timeout` for the answer; a broker that can't carry it answers 503.
+pub async fn call(
+    broker: &dyn Broker,
+    target: &str,
+    request: &Request,
+    timeout: Duration,
+) -> Reply {
+    let body = serde_json::to_vec(request).expect("request serialises");
+    match broker.inbox_call(target, body, timeout).await {
+        Ok(answer) => serde_json::from_slice(&answer).unwrap_or_else(|e| {
+            Reply::error(
+                502,
+                format!("the instance serving this inbox answered badly: {e}"),
+            )
+        }),
+        Err(e) => Reply::error(503, e.to_string()),
+    }
 }

@@ -132,6 +132,12 @@ impl PushTarget {
         batch: Vec<(Incoming, StoredChange)>,
         cancel: &CancellationToken,
     ) {
+        // A change whose consumer is gone (connection lost, partition handed over) is given
+        // out again by the broker: sending it now could overtake its own newer version.
+        let batch: Vec<_> = batch.into_iter().filter(|(m, _)| !m.is_stale()).collect();
+        if batch.is_empty() {
+            return;
+        }
         let Some(Prepared {
             send,
             failed,

@@ -10,8 +10,8 @@
 
 use super::{now_ms, Db, DbError};
 use crate::broker::{
-    body_ids, AckHandle, Broker, BrokerError, DeadItem, Failure, Held, HeldIn, Incoming, Outgoing,
-    PublishOutcome,
+    body_ids, AckHandle, Broker, BrokerError, DeadItem, Failure, Held, HeldIn, InboxCall, Incoming,
+    Outgoing, PublishOutcome,
 };
 use crate::config::Config;
 use crate::route::Routes;
@@ -37,6 +37,8 @@ pub struct EmbeddedBroker {
     stop: CancellationToken,
     tasks: TaskTracker,
     consumers: Mutex<HashSet<String>>,
+    /// Where each pull target's inbox requests go: one process serves them all.
+    inboxes: Mutex<HashMap<String, mpsc::Sender<InboxCall>>>,
 }
 
 fn unavailable(e: DbError) -> BrokerError {
@@ -93,6 +95,7 @@ impl EmbeddedBroker {
             stop,
             tasks: tasks.clone(),
             consumers: Mutex::new(HashSet::new()),
+            inboxes: Mutex::new(HashMap::new()),
         });
         broker
     }
@@ -225,6 +228,7 @@ impl EmbeddedBroker {
                     attempt: u32::try_from(attempt).unwrap_or(1).max(1),
                     first_failed_ms: first_failed,
                     alone,
+                    partition: 0,
                     handle: AckHandle::Embedded { row, _slot: slot },
                 };
                 if tx.send(incoming).await.is_err() {
@@ -240,7 +244,7 @@ impl EmbeddedBroker {
 fn row_of(message: &Incoming) -> Result<i64, BrokerError> {
     match message.handle {
         AckHandle::Embedded { row, .. } => Ok(row),
-        AckHandle::Rabbit(_) => Err(BrokerError::Unavailable(
+        AckHandle::Rabbit { .. } => Err(BrokerError::Unavailable(
             "a RabbitMQ message cannot be settled with the embedded backend".into(),
         )),
     }
@@ -652,6 +656,43 @@ impl Broker for EmbeddedBroker {
                 .map_err(unavailable)?;
             self.wake(target);
             Ok(())
+        })
+    }
+
+    fn inbox_serve(&self, target: &str) -> mpsc::Receiver<InboxCall> {
+        let (tx, rx) = mpsc::channel(64);
+        self.inboxes
+            .lock()
+            .expect("inboxes lock")
+            .insert(target.to_string(), tx);
+        rx
+    }
+
+    fn inbox_call<'a>(
+        &'a self,
+        target: &'a str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, BrokerError>> {
+        Box::pin(async move {
+            let serve = self
+                .inboxes
+                .lock()
+                .expect("inboxes lock")
+                .get(target)
+                .cloned();
+            let stopped =
+                || BrokerError::Unavailable(format!("the inbox of {target} is not running"));
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            serve
+                .ok_or_else(stopped)?
+                .send(InboxCall { body, reply })
+                .await
+                .map_err(|_| stopped())?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(answer)) => Ok(answer),
+                _ => Err(stopped()),
+            }
         })
     }
 }

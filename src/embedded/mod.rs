@@ -154,8 +154,13 @@ impl Db {
                  PRAGMA cache_size = -32768;
                  PRAGMA wal_autocheckpoint = 16384;",
             )?;
-            // The first write takes the exclusive lock, kept while lxbridge runs.
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            // The first write takes the exclusive lock, kept while lxbridge runs. Pending
+            // idempotency keys (`accepted = 0`) are a dead process's publishes that never
+            // finished: one process per data_dir, so none is still in progress; a client's
+            // retry of them is fresh.
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA} DELETE FROM ids WHERE accepted = 0; COMMIT;"
+            ))
         };
         setup(&conn).map_err(|e| {
             if matches!(

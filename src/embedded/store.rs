@@ -113,6 +113,11 @@ impl Store for EmbeddedStore {
         })
     }
 
+    /// The database doesn't forget what it committed: never a loss.
+    fn check_loss(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { self.ping().await.map(|()| false) })
+    }
+
     fn admit<'a>(
         &'a self,
         node: &'a str,
@@ -181,6 +186,33 @@ impl Store for EmbeddedStore {
                     )?;
                     for id in &ids {
                         put.execute(params![node, id, expires])?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn renew_ids<'a>(
+        &'a self,
+        node: &'a str,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let node = node.to_string();
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        Box::pin(async move {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.db
+                .call(move |c| {
+                    let expires = now_ms() + PENDING_ID_TTL_SECS as i64 * 1000;
+                    let mut renew = c.prepare_cached(
+                        "UPDATE ids SET expires = ?3 WHERE node = ?1 AND id = ?2 AND accepted = 0",
+                    )?;
+                    for id in &ids {
+                        renew.execute(params![node, id, expires])?;
                     }
                     Ok(())
                 })

@@ -520,27 +520,16 @@ pub async fn cleanup(config: &lxbridge::config::Config) {
         .await
         .expect("RabbitMQ reachable for cleanup");
     let ch = conn.create_channel().await.unwrap();
-    for node in &config.nodes {
+    let (exchanges, queues) = lxbridge::broker::declared_names(config);
+    for q in queues {
         let _ = ch
-            .exchange_delete(
-                format!("{prefix}.node.{}", node.name).as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
-        if node.deliver.is_some() {
-            let mut queues = vec![
-                format!("{prefix}.deliver.{}", node.name),
-                format!("{prefix}.dlq.{}", node.name),
-            ];
-            for step in 1..=config.retry.delays.len() {
-                queues.push(format!("{prefix}.retry.{}.{step}", node.name));
-            }
-            for q in queues {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
+    }
+    for x in exchanges {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
     let mut redis = redis_conn().await;

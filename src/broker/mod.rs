@@ -3,29 +3,40 @@
 //! RabbitMQ implementation. Knows nothing about 1C.
 //!
 //! Two connections, as RabbitMQ advises: one publishes (ingress, retry and DLQ moves), one
-//! consumes (a channel per target). Each is kept by a supervisor task that reconnects with
-//! backoff and jitter and redeclares the topology; while the publishing side is down or
-//! blocked by the broker's flow control, [`Broker::ready`] is false and ingress answers 503.
+//! consumes (a channel per delivery queue partition, see [`consume`]). Each is kept by a
+//! supervisor task that reconnects with backoff and jitter and redeclares the topology; while
+//! the publishing side is down or blocked by the broker's flow control, [`Broker::ready`] is
+//! false and ingress answers 503.
+//!
+//! Several instances share the work through the broker: a push target's delivery queue is
+//! split into `broker.partitions` quorum queues by a hash of the object's ref (the
+//! `lx-partition` header, routed by the target's headers exchange), each with a single
+//! active consumer, so one object is delivered by one instance at a time; the instances
+//! share the partitions out among themselves ([`consume`]). A pull target's inbox is served
+//! by one instance, the active consumer of its request queue; the others pass polls and acks
+//! to it ([`Broker::inbox_call`]).
+
+mod consume;
+mod members;
 
 use crate::config::{Config, DeliverMode};
 use crate::route::Routes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -40,6 +51,8 @@ pub struct Outgoing {
     /// The routing key: the change's type.
     pub kind: String,
     pub id: String,
+    /// The delivery queue partition: `route::partition` of the change's ref.
+    pub partition: u16,
     pub body: Vec<u8>,
 }
 
@@ -55,7 +68,11 @@ pub enum PublishOutcome {
 
 /// How a consumed message is settled with the backend it came from.
 pub enum AckHandle {
-    Rabbit(lapin::Acker),
+    /// The delivery's acker, and its place among its consumer's unsettled messages.
+    Rabbit {
+        acker: lapin::Acker,
+        slot: consume::Slot,
+    },
     /// The embedded queue's row, and the prefetch slot it holds until settled.
     Embedded {
         row: i64,
@@ -71,7 +88,27 @@ pub struct Incoming {
     pub first_failed_ms: Option<i64>,
     /// Its last failure took its whole batch down: deliver it in a batch of its own.
     pub alone: bool,
+    /// The delivery queue partition it came from (0 for the embedded backend).
+    pub partition: u16,
     pub(crate) handle: AckHandle,
+}
+
+impl Incoming {
+    /// True once the consumer it came from is gone (its connection was lost): it can no
+    /// longer be settled, and the broker gives it out again, so it must not be delivered.
+    pub fn is_stale(&self) -> bool {
+        match &self.handle {
+            AckHandle::Rabbit { slot, .. } => slot.is_stale(),
+            AckHandle::Embedded { .. } => false,
+        }
+    }
+}
+
+/// A request to a pull target's inbox, handed to the instance that serves it, and where its
+/// answer goes. The bodies are the inbox's own (`deliver::pull`); the broker only carries them.
+pub struct InboxCall {
+    pub body: Vec<u8>,
+    pub reply: tokio::sync::oneshot::Sender<Vec<u8>>,
 }
 
 /// Why a change failed and what failure is the next step.
@@ -141,6 +178,17 @@ pub trait Broker: Send + Sync + 'static {
         target: &'a str,
         held: Vec<Held>,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// The requests to a pull target's inbox that this instance is to answer (all of them
+    /// while it serves that inbox; none otherwise).
+    fn inbox_serve(&self, target: &str) -> mpsc::Receiver<InboxCall>;
+    /// Hands a request to whichever instance serves the pull target's inbox and waits at
+    /// most `timeout` for its answer.
+    fn inbox_call<'a>(
+        &'a self,
+        target: &'a str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, BrokerError>>;
 }
 
 /// Where a [`Held`] message waits.
@@ -203,8 +251,34 @@ impl Names {
     pub fn exchange(&self, source: &str) -> String {
         format!("{}.node.{source}", self.prefix)
     }
+    /// The target's delivery queue: its partition 0.
     pub fn deliver(&self, target: &str) -> String {
         format!("{}.deliver.{target}", self.prefix)
+    }
+    /// Partition `p` of the target's delivery queue: `<prefix>.deliver.<target>` for 0,
+    /// `<prefix>.deliver.<target>.<p>` for the others.
+    pub fn partition(&self, target: &str, p: u16) -> String {
+        match p {
+            0 => self.deliver(target),
+            p => format!("{}.deliver.{target}.{p}", self.prefix),
+        }
+    }
+    /// The target's headers exchange: routes each change to its partition, from the source
+    /// exchanges and from the retry steps.
+    pub fn target_exchange(&self, target: &str) -> String {
+        format!("{}.target.{target}", self.prefix)
+    }
+    /// A pull target's inbox requests (polls, acks), for the instance that serves it.
+    pub fn inbox(&self, target: &str) -> String {
+        format!("{}.inbox.{target}", self.prefix)
+    }
+    /// The fanout exchange the instances announce themselves on.
+    pub fn instances(&self) -> String {
+        format!("{}.instances", self.prefix)
+    }
+    /// An instance's own queue: the others' announcements and answers to its inbox requests.
+    pub fn instance(&self, id: &str) -> String {
+        format!("{}.instance.{id}", self.prefix)
     }
     pub fn retry(&self, target: &str, step: usize) -> String {
         format!("{}.retry.{target}.{step}", self.prefix)
@@ -219,9 +293,14 @@ impl Names {
 struct Topology {
     names: Names,
     sources: Vec<String>,
-    targets: Vec<String>,
+    /// Push targets, in config order (the order the partitions are shared out in).
+    push: Vec<String>,
+    /// Pull targets: one delivery queue each, served by one instance.
+    pull: Vec<String>,
+    /// Partitions of each push target's delivery queue.
+    partitions: u16,
     retry_delays: Vec<Duration>,
-    bindings: Vec<(String, String, String)>, // (exchange, queue, pattern)
+    bindings: Vec<(String, String, String)>, // (source exchange, target exchange, pattern)
 }
 
 impl Topology {
@@ -234,107 +313,196 @@ impl Topology {
             .map(|b| {
                 (
                     names.exchange(&b.source),
-                    names.deliver(&b.target),
+                    names.target_exchange(&b.target),
                     b.pattern.clone(),
                 )
             })
             .collect();
-        Topology {
-            sources: config.nodes.iter().map(|n| n.name.clone()).collect(),
-            targets: config
+        let with_mode = |mode: DeliverMode| {
+            config
                 .nodes
                 .iter()
-                .filter(|n| {
-                    n.deliver
-                        .as_ref()
-                        .is_some_and(|d| d.mode == DeliverMode::Push || d.mode == DeliverMode::Pull)
-                })
+                .filter(|n| n.deliver.as_ref().is_some_and(|d| d.mode == mode))
                 .map(|n| n.name.clone())
-                .collect(),
+                .collect()
+        };
+        Topology {
+            sources: config.nodes.iter().map(|n| n.name.clone()).collect(),
+            push: with_mode(DeliverMode::Push),
+            pull: with_mode(DeliverMode::Pull),
+            partitions: config.broker.partitions.max(1),
             retry_delays: config.retry.delays.iter().map(|d| d.0).collect(),
             names,
             bindings,
         }
     }
 
+    fn targets(&self) -> impl Iterator<Item = &String> {
+        self.push.iter().chain(&self.pull)
+    }
+
+    /// How many delivery queues the target has: `partitions` for a push target, one for a
+    /// pull target.
+    fn partitions_of(&self, target: &str) -> u16 {
+        if self.pull.iter().any(|t| t == target) {
+            1
+        } else {
+            self.partitions
+        }
+    }
+
+    /// Every delivery queue of the target, partition 0 first.
+    fn delivery_queues(&self, target: &str) -> Vec<String> {
+        (0..self.partitions_of(target))
+            .map(|p| self.names.partition(target, p))
+            .collect()
+    }
+
     async fn declare(&self, ch: &Channel) -> Result<(), BrokerError> {
         let topo = |what: String, e: lapin::Error| {
             BrokerError::Topology(format!(
                 "declaring {what} failed: {e}. If it exists with other arguments (for example \
-                 after retry.delays changed), delete it with `rabbitmqctl delete_queue` and restart"
+                 after retry.delays changed, or declared by an lxbridge before 0.2), move its \
+                 messages with `lxbridge export`/`import` or delete it with `rabbitmqctl \
+                 delete_queue`, then restart"
             ))
-        };
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
         };
         for source in &self.sources {
             let name = self.names.exchange(source);
-            ch.exchange_declare(
-                name.as_str().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
+            declare_exchange(ch, &name, ExchangeKind::Topic)
+                .await
+                .map_err(|e| topo(format!("exchange {name}"), e))?;
+        }
+        let instances = self.names.instances();
+        declare_exchange(ch, &instances, ExchangeKind::Fanout)
             .await
-            .map_err(|e| topo(format!("exchange {name}"), e))?;
-        }
-        let queue_opts = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        for target in &self.targets {
-            let deliver = self.names.deliver(target);
-            let mut args = quorum_args();
-            ch.queue_declare(deliver.as_str().into(), queue_opts, args.clone())
+            .map_err(|e| topo(format!("exchange {instances}"), e))?;
+        for target in self.targets() {
+            self.declare_target(ch, target)
                 .await
-                .map_err(|e| topo(format!("queue {deliver}"), e))?;
-            for (i, delay) in self.retry_delays.iter().enumerate() {
-                let name = self.names.retry(target, i + 1);
-                let mut retry_args = quorum_args();
-                retry_args.insert(
-                    "x-message-ttl".into(),
-                    AMQPValue::LongLongInt(delay.as_millis() as i64),
-                );
-                retry_args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                retry_args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(deliver.as_str().into()),
-                );
-                retry_args.insert(
-                    "x-dead-letter-strategy".into(),
-                    AMQPValue::LongString("at-least-once".into()),
-                );
-                retry_args.insert(
-                    "x-overflow".into(),
-                    AMQPValue::LongString("reject-publish".into()),
-                );
-                ch.queue_declare(name.as_str().into(), queue_opts, retry_args)
-                    .await
-                    .map_err(|e| topo(format!("queue {name}"), e))?;
-            }
-            let dlq = self.names.dlq(target);
-            args = quorum_args();
-            ch.queue_declare(dlq.as_str().into(), queue_opts, args)
-                .await
-                .map_err(|e| topo(format!("queue {dlq}"), e))?;
+                .map_err(|(what, e)| topo(what, e))?;
         }
-        for (exchange, queue, pattern) in &self.bindings {
-            ch.queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
+        for target in &self.pull {
+            let name = self.names.inbox(target);
+            let mut args = FieldTable::default();
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            ch.queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+                .await
+                .map_err(|e| topo(format!("queue {name}"), e))?;
+        }
+        for (source, target, pattern) in &self.bindings {
+            ch.exchange_bind(
+                target.as_str().into(),
+                source.as_str().into(),
                 pattern.as_str().into(),
-                QueueBindOptions::default(),
+                ExchangeBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| topo(format!("binding {exchange} -> {queue} ({pattern})"), e))?;
+            .map_err(|e| topo(format!("binding {source} -> {target} ({pattern})"), e))?;
         }
         Ok(())
     }
+
+    /// A target's headers exchange, its delivery queues (single active consumer) bound to it
+    /// by partition, its retry steps (dead-lettering back to the exchange, which routes by
+    /// the partition header they keep) and its DLQ.
+    async fn declare_target(
+        &self,
+        ch: &Channel,
+        target: &str,
+    ) -> Result<(), (String, lapin::Error)> {
+        let exchange = self.names.target_exchange(target);
+        declare_exchange(ch, &exchange, ExchangeKind::Headers)
+            .await
+            .map_err(|e| (format!("exchange {exchange}"), e))?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let partitions = self.partitions_of(target);
+        for p in 0..partitions {
+            let queue = self.names.partition(target, p);
+            let mut args = quorum_args();
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            ch.queue_declare(queue.as_str().into(), durable, args)
+                .await
+                .map_err(|e| (format!("queue {queue}"), e))?;
+            // A pull target's one queue takes every partition (an empty match takes all).
+            let mut filter = FieldTable::default();
+            filter.insert("x-match".into(), AMQPValue::LongString("all".into()));
+            if partitions > 1 {
+                filter.insert(H_PARTITION.into(), long_string(&p.to_string()));
+            }
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                filter,
+            )
+            .await
+            .map_err(|e| (format!("binding {exchange} -> {queue}"), e))?;
+        }
+        for (i, delay) in self.retry_delays.iter().enumerate() {
+            let name = self.names.retry(target, i + 1);
+            let mut args = quorum_args();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(exchange.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            ch.queue_declare(name.as_str().into(), durable, args)
+                .await
+                .map_err(|e| (format!("queue {name}"), e))?;
+        }
+        let dlq = self.names.dlq(target);
+        ch.queue_declare(dlq.as_str().into(), durable, quorum_args())
+            .await
+            .map_err(|e| (format!("queue {dlq}"), e))?;
+        Ok(())
+    }
+}
+
+async fn declare_exchange(
+    ch: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+        .await
+}
+
+/// The names of every exchange and queue lxbridge declares for `config` (for clean-up
+/// tools and tests): (exchanges, queues). The instances' own queues go when they stop.
+pub fn declared_names(config: &Config) -> (Vec<String>, Vec<String>) {
+    let t = Topology::from_config(config, &Routes::from_config(config));
+    let mut exchanges: Vec<String> = t.sources.iter().map(|s| t.names.exchange(s)).collect();
+    exchanges.push(t.names.instances());
+    let mut queues = Vec::new();
+    for target in t.targets() {
+        exchanges.push(t.names.target_exchange(target));
+        queues.extend(t.delivery_queues(target));
+        queues.extend((1..=t.retry_delays.len()).map(|step| t.names.retry(target, step)));
+        queues.push(t.names.dlq(target));
+    }
+    queues.extend(t.pull.iter().map(|target| t.names.inbox(target)));
+    (exchanges, queues)
 }
 
 fn quorum_args() -> FieldTable {
@@ -346,6 +514,9 @@ fn quorum_args() -> FieldTable {
     args
 }
 
+/// The delivery queue partition a message belongs to (a string, as the bindings match it).
+/// Not `x-`: a headers exchange ignores binding arguments that start with `x-`.
+const H_PARTITION: &str = "lx-partition";
 const H_ATTEMPT: &str = "x-lx-attempt";
 const H_ERROR: &str = "x-lx-error";
 const H_FIRST_FAILED: &str = "x-lx-first-failed";
@@ -424,8 +595,10 @@ fn held_dead(delivery: &lapin::message::Delivery) -> Held {
     }
 }
 
-/// The headers that carry a [`Held`] message's facts, and the queue it goes to.
-fn held_headers(names: &Names, target: &str, held: &Held) -> (String, FieldTable) {
+/// The headers that carry a [`Held`] message's facts, and the exchange and routing key it
+/// goes to: the target's exchange (by partition) for a waiting change, the DLQ for a dead one.
+fn held_headers(topology: &Topology, target: &str, held: &Held) -> (String, String, FieldTable) {
+    let names = &topology.names;
     let mut headers = FieldTable::default();
     if let Some(error) = &held.error {
         headers.insert(H_ERROR.into(), long_string(error));
@@ -442,7 +615,9 @@ fn held_headers(names: &Names, target: &str, held: &Held) -> (String, FieldTable
             if held.alone {
                 headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
             }
-            (names.deliver(target), headers)
+            let partition = crate::route::partition(&body_ref(&held.body), topology.partitions);
+            headers.insert(H_PARTITION.into(), long_string(&partition.to_string()));
+            (names.target_exchange(target), String::new(), headers)
         }
         HeldIn::Dlq {
             source,
@@ -462,7 +637,7 @@ fn held_headers(names: &Names, target: &str, held: &Held) -> (String, FieldTable
             headers.insert("x-lx-source".into(), long_string(source));
             headers.insert("x-lx-type".into(), long_string(kind));
             headers.insert("x-lx-ref".into(), long_string(reference));
-            (names.dlq(target), headers)
+            (String::new(), names.dlq(target), headers)
         }
     }
 }
@@ -478,6 +653,18 @@ pub(crate) fn body_ids(body: &[u8]) -> (String, i64) {
     }
     let ids: Ids = serde_json::from_slice(body).unwrap_or_default();
     (ids.id, ids.seq)
+}
+
+/// A message body's object ref (empty if it is not an lxbridge envelope).
+fn body_ref(body: &[u8]) -> String {
+    #[derive(serde::Deserialize, Default)]
+    struct Ref {
+        #[serde(default, rename = "ref")]
+        reference: String,
+    }
+    serde_json::from_slice::<Ref>(body)
+        .unwrap_or_default()
+        .reference
 }
 
 /// Reads a dead-lettered message's facts from its headers (and id/seq from its body).
@@ -527,10 +714,8 @@ pub struct RabbitBroker {
     blocked: Arc<AtomicBool>,
     /// Asks the publishing supervisor to reconnect now (a publish saw the channel die).
     reconnect: tokio::sync::Notify,
-    /// Targets to consume and where their deliveries go.
-    consumers: Mutex<HashMap<String, (u16, mpsc::Sender<Incoming>)>>,
-    /// Bumped when the consumer set changes, so the consuming supervisor picks it up.
-    consumers_changed: watch::Sender<u64>,
+    /// The consuming side: what to consume, the instances, the inboxes served here.
+    consuming: consume::Consuming,
     up: Arc<AtomicBool>,
     cancel: CancellationToken,
 }
@@ -551,8 +736,7 @@ impl RabbitBroker {
             publisher: Mutex::new(None),
             blocked: Arc::new(AtomicBool::new(false)),
             reconnect: tokio::sync::Notify::new(),
-            consumers: Mutex::new(HashMap::new()),
-            consumers_changed: watch::channel(0).0,
+            consuming: consume::Consuming::new(),
             up: Arc::new(AtomicBool::new(false)),
             cancel,
         });
@@ -659,149 +843,6 @@ impl RabbitBroker {
         }
     }
 
-    async fn consuming_supervisor(self: Arc<Self>) {
-        let mut attempt = 0u32;
-        let mut changed = self.consumers_changed.subscribe();
-        while !self.cancel.is_cancelled() {
-            let wanted: Vec<(String, u16, mpsc::Sender<Incoming>)> = self
-                .consumers
-                .lock()
-                .expect("consumers lock")
-                .iter()
-                .map(|(t, (p, tx))| (t.clone(), *p, tx.clone()))
-                .collect();
-            changed.borrow_and_update();
-            if wanted.is_empty() {
-                tokio::select! {
-                    _ = changed.changed() => continue,
-                    _ = self.cancel.cancelled() => break,
-                }
-            }
-            let conn = match self.connect("consume").await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, attempt, "cannot connect to RabbitMQ for consuming; retrying");
-                    attempt += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff(attempt)) => continue,
-                        _ = self.cancel.cancelled() => break,
-                    }
-                }
-            };
-            let stop = self.cancel.child_token();
-            let tasks = TaskTracker::new();
-            let mut setup_ok = true;
-            for (target, prefetch, tx) in wanted {
-                match self
-                    .start_consumer(&conn, &target, prefetch, tx, stop.clone(), &tasks)
-                    .await
-                {
-                    Ok(()) => info!(%target, prefetch, "consuming"),
-                    Err(e) => {
-                        warn!(%target, error = %e, "cannot start consumer; reconnecting");
-                        setup_ok = false;
-                        break;
-                    }
-                }
-            }
-            tasks.close();
-            if setup_ok {
-                attempt = 0;
-                let mut events = conn.events_listener();
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
-                loop {
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => break,
-                        _ = changed.changed() => break,
-                        _ = tick.tick() => if !conn.status().connected() { break },
-                        _ = tasks.wait() => break,
-                        event = events.next() => match event {
-                            Some(lapin::Event::Error(e)) => {
-                                warn!(error = %e, "consuming connection failed");
-                                break;
-                            }
-                            Some(_) => {}
-                            None => break,
-                        }
-                    }
-                }
-            } else {
-                attempt += 1;
-            }
-            stop.cancel();
-            tasks.wait().await;
-            if !self.cancel.is_cancelled() && !setup_ok {
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-            // Closing the channel returns unacked prefetched messages to the queue.
-            let _ = conn.close(200, "lxbridge consumer restart".into()).await;
-        }
-    }
-
-    async fn start_consumer(
-        &self,
-        conn: &Connection,
-        target: &str,
-        prefetch: u16,
-        tx: mpsc::Sender<Incoming>,
-        stop: CancellationToken,
-        tasks: &TaskTracker,
-    ) -> Result<(), BrokerError> {
-        let unavailable = |e: lapin::Error| BrokerError::Unavailable(e.to_string());
-        let ch = conn.create_channel().await.map_err(unavailable)?;
-        self.topology.declare(&ch).await?;
-        ch.basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(unavailable)?;
-        let queue = self.topology.names.deliver(target);
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                format!("lxbridge-{target}").as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        let target = target.to_string();
-        tasks.spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    next = consumer.next() => next,
-                };
-                match next {
-                    Some(Ok(delivery)) => {
-                        let attempt = header_i64(&delivery.properties, H_ATTEMPT)
-                            .and_then(|a| u32::try_from(a).ok())
-                            .unwrap_or(1)
-                            .max(1);
-                        let incoming = Incoming {
-                            attempt,
-                            first_failed_ms: header_i64(&delivery.properties, H_FIRST_FAILED),
-                            alone: header_alone(&delivery.properties),
-                            handle: AckHandle::Rabbit(delivery.acker),
-                            body: delivery.data,
-                        };
-                        if tx.send(incoming).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        warn!(%target, error = %e, "consumer failed");
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            let _ = ch
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            debug!(%target, "consumer stopped");
-        });
-        Ok(())
-    }
-
     fn publisher(&self) -> Result<Arc<Publisher>, BrokerError> {
         if self.blocked.load(Ordering::SeqCst) {
             return Err(BrokerError::Unavailable(
@@ -832,6 +873,36 @@ impl RabbitBroker {
         body: &[u8],
         headers: FieldTable,
     ) -> Result<(), BrokerError> {
+        self.publish_confirmed("", queue, body, headers).await
+    }
+
+    /// Publishes one change back into the target's delivery queues (its partition from the
+    /// ref in its body) and waits for the confirm.
+    async fn publish_to_target(
+        &self,
+        target: &str,
+        body: &[u8],
+        mut headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let partition = crate::route::partition(&body_ref(body), self.topology.partitions);
+        headers.insert(H_PARTITION.into(), long_string(&partition.to_string()));
+        let exchange = self.topology.names.target_exchange(target);
+        self.publish_confirmed(&exchange, "", body, headers).await
+    }
+
+    /// Publishes one message, mandatory, and waits for the confirm.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let queue = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
         let ch = self.channel()?;
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -839,8 +910,8 @@ impl RabbitBroker {
             .with_headers(headers);
         let confirm = ch
             .basic_publish(
-                "".into(),
-                queue.into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -855,7 +926,7 @@ impl RabbitBroker {
         match confirm {
             lapin::Confirmation::Ack(None) => Ok(()),
             lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Topology(format!(
-                "queue {queue} does not exist"
+                "{queue} does not exist or routes nowhere"
             ))),
             _ => Err(BrokerError::Unavailable(format!(
                 "RabbitMQ refused a message for {queue}"
@@ -912,13 +983,15 @@ impl RabbitBroker {
 
     async fn export_on(&self, ch: &Channel, target: &str) -> Result<Vec<Held>, BrokerError> {
         let names = &self.topology.names;
-        let deliver = names.deliver(target);
-        let consumers = self.passive(ch, &deliver).await?.consumer_count();
-        if consumers > 0 {
-            return Err(BrokerError::Unavailable(format!(
-                "queue {deliver} has {consumers} consumer(s): stop lxbridge before exporting \
-                 (a running lxbridge holds the changes it has prefetched, which export cannot see)"
-            )));
+        let queues = self.topology.delivery_queues(target);
+        for queue in &queues {
+            let consumers = self.passive(ch, queue).await?.consumer_count();
+            if consumers > 0 {
+                return Err(BrokerError::Unavailable(format!(
+                    "queue {queue} has {consumers} consumer(s): stop lxbridge before exporting \
+                     (a running lxbridge holds the changes it has prefetched, which export cannot see)"
+                )));
+            }
         }
         // The retry steps first: a message held here can no longer expire into the delivery
         // queue, and one that expired before is read there next.
@@ -928,12 +1001,12 @@ impl RabbitBroker {
                 retry.push(held_waiting(&d, HeldIn::Retry));
             }
         }
-        let mut held: Vec<Held> = self
-            .get_all(ch, &deliver)
-            .await?
-            .iter()
-            .map(|d| held_waiting(d, HeldIn::Deliver))
-            .collect();
+        let mut held = Vec::new();
+        for queue in &queues {
+            for d in self.get_all(ch, queue).await? {
+                held.push(held_waiting(&d, HeldIn::Deliver));
+            }
+        }
         held.append(&mut retry);
         for d in self.get_all(ch, &names.dlq(target)).await? {
             held.push(held_dead(&d));
@@ -949,15 +1022,15 @@ impl RabbitBroker {
     ) -> Result<(), BrokerError> {
         let mut confirms = Vec::with_capacity(held.len());
         for h in held {
-            let (queue, headers) = held_headers(&self.topology.names, target, h);
+            let (exchange, routing_key, headers) = held_headers(&self.topology, target, h);
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_headers(headers);
             let confirm = ch
                 .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -967,6 +1040,11 @@ impl RabbitBroker {
                 )
                 .await
                 .map_err(|e| self.lost(e))?;
+            let queue = if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            };
             confirms.push((queue, confirm));
         }
         for (queue, confirm) in confirms {
@@ -1003,11 +1081,14 @@ impl Broker for RabbitBroker {
                 .unwrap_or(0);
             let mut confirms = Vec::with_capacity(messages.len());
             for m in messages {
+                let mut headers = FieldTable::default();
+                headers.insert(H_PARTITION.into(), long_string(&m.partition.to_string()));
                 let props = BasicProperties::default()
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into())
                     .with_message_id(m.id.as_str().into())
-                    .with_timestamp(now);
+                    .with_timestamp(now)
+                    .with_headers(headers);
                 let confirm = ch
                     .basic_publish(
                         exchange.clone(),
@@ -1041,19 +1122,13 @@ impl Broker for RabbitBroker {
     }
 
     fn consume(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming> {
-        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
-        self.consumers
-            .lock()
-            .expect("consumers lock")
-            .insert(target.to_string(), (prefetch, tx));
-        self.consumers_changed.send_modify(|v| *v += 1);
-        rx
+        self.consuming.want(target, prefetch)
     }
 
     fn ack(&self, message: Incoming) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             match message.handle {
-                AckHandle::Rabbit(acker) => acker
+                AckHandle::Rabbit { acker, .. } => acker
                     .ack(BasicAckOptions::default())
                     .await
                     .map(|_| ())
@@ -1095,6 +1170,10 @@ impl Broker for RabbitBroker {
                 if f.alone {
                     headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
                 }
+                headers.insert(
+                    H_PARTITION.into(),
+                    long_string(&message.partition.to_string()),
+                );
                 self.topology
                     .names
                     .retry(f.target, message.attempt as usize)
@@ -1141,7 +1220,6 @@ impl Broker for RabbitBroker {
         Box::pin(async move {
             let ch = self.admin_channel().await?;
             let queue = self.topology.names.dlq(target);
-            let deliver = self.topology.names.deliver(target);
             let mut taken = Vec::new();
             loop {
                 let message = match ch
@@ -1158,7 +1236,7 @@ impl Broker for RabbitBroker {
                 }
                 if replay {
                     // A fresh start: no attempt or error headers.
-                    self.publish_to_queue(&deliver, &message.delivery.data, FieldTable::default())
+                    self.publish_to_target(target, &message.delivery.data, FieldTable::default())
                         .await?;
                 }
                 message
@@ -1215,6 +1293,19 @@ impl Broker for RabbitBroker {
             let _ = ch.close(200, "imported".into()).await;
             done
         })
+    }
+
+    fn inbox_serve(&self, target: &str) -> mpsc::Receiver<InboxCall> {
+        self.consuming.serve(target)
+    }
+
+    fn inbox_call<'a>(
+        &'a self,
+        target: &'a str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, BrokerError>> {
+        Box::pin(self.call_inbox(target, body, timeout))
     }
 }
 

@@ -1,0 +1,724 @@
+//! The consuming side of [`RabbitBroker`]: one connection, kept by a supervisor, carrying
+//!
+//! - a control channel: the topology, this instance's own queue (`<prefix>.instance.<id>`,
+//!   exclusive), bound to the `<prefix>.instances` fanout; the announcements heard there keep
+//!   [`Members`], and the answers to this instance's inbox requests arrive there;
+//! - a channel per delivery queue partition this instance delivers: a push target's
+//!   partitions are shared out among the live instances ([`owner`]); each queue has a single
+//!   active consumer, so even while two instances disagree about the share-out only one
+//!   delivers a partition. A partition given up is first drained (every message handed on is
+//!   settled) and then its channel is closed, so the next consumer starts right after the
+//!   last change this one settled, and returned messages come back first, in order;
+//! - a channel per pull target's request queue (`<prefix>.inbox.<target>`, single active
+//!   consumer): the instance that receives a request there serves that inbox from then on
+//!   (and only then consumes the target's delivery queue) until this connection goes; the
+//!   others pass their nodes' polls and acks to it and relay its answers.
+//!
+//! Messages of a consumer that is gone are stale ([`Slot::is_stale`]): the broker gives them
+//! out again, so delivery drops them instead of sending them twice.
+
+use super::members::{owner, Members, BEAT};
+use super::{
+    backoff, header_alone, header_i64, AckHandle, BrokerError, InboxCall, Incoming, RabbitBroker,
+    H_ATTEMPT, H_FIRST_FAILED,
+};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// The longest an inbox request is waited for by the instance serving it.
+const MAX_CALL: Duration = Duration::from_secs(180);
+
+/// One consumer's messages: whether they can still be settled, and how many are handed on
+/// and not settled yet.
+struct Lease {
+    alive: AtomicBool,
+    open: AtomicUsize,
+}
+
+/// A consumed message's place in its consumer's [`Lease`]; settling (or dropping) the
+/// message gives it back.
+pub struct Slot(Arc<Lease>);
+
+impl Slot {
+    fn take(lease: &Arc<Lease>) -> Slot {
+        lease.open.fetch_add(1, Ordering::SeqCst);
+        Slot(lease.clone())
+    }
+
+    pub(super) fn is_stale(&self) -> bool {
+        !self.0.alive.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A target whose deliveries are wanted, and where they go.
+struct Wanted {
+    prefetch: u16,
+    tx: mpsc::Sender<Incoming>,
+}
+
+/// The control channel while connected, and this instance's queue on it.
+#[derive(Clone)]
+struct Link {
+    channel: Channel,
+    reply_to: String,
+}
+
+/// What the consuming side keeps across connections.
+pub(super) struct Consuming {
+    /// This instance, as the others know it.
+    id: String,
+    wanted: Mutex<HashMap<String, Wanted>>,
+    /// The inboxes this process can serve, and where their requests go.
+    serving: Mutex<HashMap<String, mpsc::Sender<InboxCall>>>,
+    /// The pull targets whose inbox this instance serves now.
+    owned: Mutex<HashSet<String>>,
+    members: Mutex<Members>,
+    link: Mutex<Option<Link>>,
+    /// Inbox requests sent to another instance, by correlation id.
+    calls: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
+    next_call: AtomicU64,
+    changed: Notify,
+}
+
+impl Consuming {
+    pub(super) fn new() -> Consuming {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Consuming {
+            id: format!("{:016x}", random ^ u64::from(std::process::id())),
+            wanted: Mutex::default(),
+            serving: Mutex::default(),
+            owned: Mutex::default(),
+            members: Mutex::default(),
+            link: Mutex::default(),
+            calls: Mutex::default(),
+            next_call: AtomicU64::new(1),
+            changed: Notify::new(),
+        }
+    }
+
+    pub(super) fn want(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming> {
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let wanted = Wanted { prefetch, tx };
+        lock(&self.wanted).insert(target.to_string(), wanted);
+        self.changed.notify_one();
+        rx
+    }
+
+    pub(super) fn serve(&self, target: &str) -> mpsc::Receiver<InboxCall> {
+        let (tx, rx) = mpsc::channel(64);
+        lock(&self.serving).insert(target.to_string(), tx);
+        self.changed.notify_one();
+        rx
+    }
+
+    /// The connection is gone: nothing is served or answered here until the next one.
+    fn disconnected(&self) {
+        lock(&self.owned).clear();
+        *lock(&self.link) = None;
+        lock(&self.calls).clear();
+    }
+
+    /// Handles what arrived on this instance's own queue.
+    fn heard(&self, delivery: lapin::message::Delivery) {
+        let props = &delivery.properties;
+        let kind = props.kind().as_ref().map(|k| k.as_str());
+        let sender = String::from_utf8_lossy(&delivery.data);
+        match kind {
+            Some("beat") => {
+                if lock(&self.members).saw(&sender, Instant::now()) {
+                    info!(instance = %sender, "an lxbridge instance joined");
+                    self.changed.notify_one();
+                }
+            }
+            Some("leave") => {
+                lock(&self.members).left(&sender);
+                info!(instance = %sender, "an lxbridge instance left");
+                self.changed.notify_one();
+            }
+            _ => {
+                let Some(id) = props.correlation_id() else {
+                    return;
+                };
+                if let Some(call) = lock(&self.calls).remove(id.as_str()) {
+                    let _ = call.send(delivery.data);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("consuming state lock")
+}
+
+/// A running consumer of one queue: how to stop it and whether it has stopped.
+struct Running {
+    release: CancellationToken,
+    done: Arc<AtomicBool>,
+}
+
+impl Running {
+    fn finished(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+/// A delivery queue consumer to run: target, partition, queue, prefetch, where to, and
+/// whether to drain before giving it up.
+struct Desired {
+    queue: String,
+    prefetch: u16,
+    tx: mpsc::Sender<Incoming>,
+    drain: bool,
+}
+
+fn unavailable(e: lapin::Error) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RabbitBroker {
+    pub(super) async fn consuming_supervisor(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        while !self.cancel.is_cancelled() {
+            let result = match self.connect("consume").await {
+                Ok(conn) => {
+                    let result = self.consume_on(&conn).await;
+                    self.consuming.disconnected();
+                    // Closing returns every unacked message to its queue.
+                    let _ = conn.close(200, "lxbridge consumer restart".into()).await;
+                    result
+                }
+                Err(e) => Err(unavailable(e)),
+            };
+            match result {
+                Ok(()) => attempt = 0,
+                Err(e) => {
+                    if !self.cancel.is_cancelled() {
+                        warn!(error = %e, attempt, "consuming from RabbitMQ failed; reconnecting");
+                    }
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                        _ = self.cancel.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs everything the consuming connection carries until it fails or lxbridge stops.
+    async fn consume_on(self: &Arc<Self>, conn: &Connection) -> Result<(), BrokerError> {
+        let ctl = conn.create_channel().await.map_err(unavailable)?;
+        self.topology.declare(&ctl).await?;
+        let listener = self.listen_on(&ctl).await?;
+        let stop = self.cancel.child_token();
+        let tasks = TaskTracker::new();
+        let this = self.clone();
+        let listening = stop.clone();
+        tasks.spawn(async move {
+            let mut listener = listener;
+            loop {
+                tokio::select! {
+                    _ = listening.cancelled() => break,
+                    next = listener.next() => match next {
+                        Some(Ok(delivery)) => this.consuming.heard(delivery),
+                        _ => break,
+                    },
+                }
+            }
+        });
+        tasks.spawn(announce(self.clone(), ctl.clone(), stop.clone()));
+        info!(instance = %self.consuming.id, "consuming connection to RabbitMQ is up");
+        let mut running: HashMap<(String, u16), Running> = HashMap::new();
+        let mut inboxes: HashMap<String, Running> = HashMap::new();
+        let mut events = conn.events_listener();
+        let result = loop {
+            if let Err(e) = self
+                .reconcile(conn, &mut running, &mut inboxes, &stop, &tasks)
+                .await
+            {
+                break Err(e);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break Ok(()),
+                _ = self.consuming.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => break Err(unavailable(e)),
+                    Some(_) => {}
+                    None => break Err(BrokerError::Unavailable("consuming connection closed".into())),
+                }
+            }
+            if !conn.status().connected() {
+                break Err(BrokerError::Unavailable("consuming connection lost".into()));
+            }
+        };
+        if self.cancel.is_cancelled() {
+            let leave = BasicProperties::default().with_type("leave".into());
+            let fanout = self.topology.names.instances();
+            let _ = publish_control(&ctl, &fanout, "", leave, self.consuming.id.as_bytes()).await;
+        }
+        self.consuming.disconnected();
+        stop.cancel();
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        result
+    }
+
+    /// Declares this instance's own queue on the control channel and consumes it.
+    async fn listen_on(&self, ctl: &Channel) -> Result<lapin::Consumer, BrokerError> {
+        let names = &self.topology.names;
+        let queue = names.instance(&self.consuming.id);
+        let own = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        ctl.queue_declare(queue.as_str().into(), own, FieldTable::default())
+            .await
+            .map_err(unavailable)?;
+        ctl.queue_bind(
+            queue.as_str().into(),
+            names.instances().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+        let listener = ctl
+            .basic_consume(
+                queue.as_str().into(),
+                format!("lxbridge-{}", self.consuming.id).as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        *lock(&self.consuming.link) = Some(Link {
+            channel: ctl.clone(),
+            reply_to: queue,
+        });
+        Ok(listener)
+    }
+
+    /// Starts and stops consumers to match what is wanted now.
+    async fn reconcile(
+        self: &Arc<Self>,
+        conn: &Connection,
+        running: &mut HashMap<(String, u16), Running>,
+        inboxes: &mut HashMap<String, Running>,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(), BrokerError> {
+        running.retain(|_, r| !r.finished());
+        inboxes.retain(|_, r| !r.finished());
+        let desired = self.desired();
+        for ((target, partition), r) in running.iter() {
+            if !desired.contains_key(&(target.clone(), *partition)) && !r.release.is_cancelled() {
+                info!(%target, partition, "giving this partition to another instance");
+                r.release.cancel();
+            }
+        }
+        for (key, want) in desired {
+            if running.contains_key(&key) {
+                continue;
+            }
+            let r = self.start_partition(conn, &key, want, stop, tasks).await?;
+            info!(target = %key.0, partition = key.1, "consuming");
+            running.insert(key, r);
+        }
+        let serving: Vec<(String, mpsc::Sender<InboxCall>)> = lock(&self.consuming.serving)
+            .iter()
+            .map(|(t, tx)| (t.clone(), tx.clone()))
+            .collect();
+        for (target, tx) in serving {
+            if let std::collections::hash_map::Entry::Vacant(slot) = inboxes.entry(target) {
+                let r = self.start_inbox(conn, slot.key(), tx, stop, tasks).await?;
+                slot.insert(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The delivery queue consumers this instance should run now.
+    fn desired(&self) -> HashMap<(String, u16), Desired> {
+        let wanted = lock(&self.consuming.wanted);
+        let live = lock(&self.consuming.members).live(&self.consuming.id, Instant::now());
+        let topology = &self.topology;
+        let mut desired = HashMap::new();
+        for (i, target) in topology.push.iter().enumerate() {
+            let Some(w) = wanted.get(target) else {
+                continue;
+            };
+            let prefetch = w.prefetch.div_ceil(topology.partitions).max(1);
+            for p in 0..topology.partitions {
+                if owner(&live, i, p) == self.consuming.id {
+                    let queue = topology.names.partition(target, p);
+                    let tx = w.tx.clone();
+                    let drain = true;
+                    desired.insert(
+                        (target.clone(), p),
+                        Desired {
+                            queue,
+                            prefetch,
+                            tx,
+                            drain,
+                        },
+                    );
+                }
+            }
+        }
+        let owned = lock(&self.consuming.owned);
+        for target in topology.pull.iter().filter(|t| owned.contains(*t)) {
+            if let Some(w) = wanted.get(target) {
+                let queue = topology.names.deliver(target);
+                let (prefetch, tx) = (w.prefetch, w.tx.clone());
+                // Only a lost connection ends serving an inbox: nothing of it can be settled.
+                let drain = false;
+                desired.insert(
+                    (target.clone(), 0),
+                    Desired {
+                        queue,
+                        prefetch,
+                        tx,
+                        drain,
+                    },
+                );
+            }
+        }
+        desired
+    }
+
+    /// Consumes one delivery queue on a channel of its own.
+    async fn start_partition(
+        &self,
+        conn: &Connection,
+        (target, partition): &(String, u16),
+        want: Desired,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Running, BrokerError> {
+        let ch = conn.create_channel().await.map_err(unavailable)?;
+        ch.basic_qos(want.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let consumer = ch
+            .basic_consume(
+                want.queue.as_str().into(),
+                format!("lxbridge-{}-{target}-{partition}", self.consuming.id)
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let release = stop.child_token();
+        let done = Arc::new(AtomicBool::new(false));
+        let forward = Forward {
+            target: target.clone(),
+            partition: *partition,
+            lease: Arc::new(Lease {
+                alive: AtomicBool::new(true),
+                open: AtomicUsize::new(0),
+            }),
+            tx: want.tx,
+            drain: want.drain,
+        };
+        tasks.spawn(forward.run(ch, consumer, release.clone(), stop.clone(), done.clone()));
+        Ok(Running { release, done })
+    }
+
+    /// Consumes a pull target's request queue: the first request makes this instance the
+    /// inbox's server, until this consumer ends.
+    async fn start_inbox(
+        self: &Arc<Self>,
+        conn: &Connection,
+        target: &str,
+        serve: mpsc::Sender<InboxCall>,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Running, BrokerError> {
+        let ch = conn.create_channel().await.map_err(unavailable)?;
+        let mut requests = ch
+            .basic_consume(
+                self.topology.names.inbox(target).as_str().into(),
+                format!("lxbridge-{}-inbox-{target}", self.consuming.id)
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let release = stop.child_token();
+        let done = Arc::new(AtomicBool::new(false));
+        let (this, target, cancel, finished) = (
+            self.clone(),
+            target.to_string(),
+            release.clone(),
+            done.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = requests.next() => next,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                if lock(&this.consuming.owned).insert(target.clone()) {
+                    info!(%target, "this instance serves the inbox");
+                    this.consuming.changed.notify_one();
+                }
+                if !this.answer_request(&serve, delivery).await {
+                    break;
+                }
+            }
+            lock(&this.consuming.owned).remove(&target);
+            this.consuming.changed.notify_one();
+            let _ = ch.close(200, "inbox consumer stopped".into()).await;
+            finished.store(true, Ordering::SeqCst);
+        });
+        Ok(Running { release, done })
+    }
+
+    /// Hands a request from another instance (or this one) to the inbox and sends its answer
+    /// back when it comes. False when the inbox has stopped.
+    async fn answer_request(
+        self: &Arc<Self>,
+        serve: &mpsc::Sender<InboxCall>,
+        delivery: lapin::message::Delivery,
+    ) -> bool {
+        let props = &delivery.properties;
+        let (Some(reply_to), Some(id)) = (props.reply_to().clone(), props.correlation_id().clone())
+        else {
+            return true;
+        };
+        let (tx, rx) = oneshot::channel();
+        let call = InboxCall {
+            body: delivery.data,
+            reply: tx,
+        };
+        if serve.send(call).await.is_err() {
+            return false;
+        }
+        let Some(link) = lock(&self.consuming.link).clone() else {
+            return true;
+        };
+        tokio::spawn(async move {
+            if let Ok(Ok(answer)) = tokio::time::timeout(MAX_CALL, rx).await {
+                let props = BasicProperties::default().with_correlation_id(id);
+                let sent = publish_control(&link.channel, "", reply_to.as_str(), props, &answer);
+                if let Err(e) = sent.await {
+                    debug!(error = %e, "could not answer an inbox request");
+                }
+            }
+        });
+        true
+    }
+}
+
+/// Publishes on the control channel, unconfirmed (an announcement or an answer that is lost
+/// is made good by the next one, or by the asker's time-out).
+async fn publish_control(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    props: BasicProperties,
+    body: &[u8],
+) -> Result<(), lapin::Error> {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .map(|_| ())
+}
+
+impl RabbitBroker {
+    /// Sends a request to the pull target's inbox, wherever it is served, and waits for the
+    /// answer.
+    pub(super) async fn call_inbox(
+        &self,
+        target: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let local = lock(&self.consuming.owned)
+            .contains(target)
+            .then(|| lock(&self.consuming.serving).get(target).cloned())
+            .flatten();
+        let mut sent = None;
+        if let Some(serve) = local {
+            let call = InboxCall { body, reply: tx };
+            serve.send(call).await.map_err(|_| {
+                BrokerError::Unavailable(format!("the inbox of {target} is not running"))
+            })?;
+        } else {
+            let link = lock(&self.consuming.link)
+                .clone()
+                .ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))?;
+            let id = self
+                .consuming
+                .next_call
+                .fetch_add(1, Ordering::SeqCst)
+                .to_string();
+            lock(&self.consuming.calls).insert(id.clone(), tx);
+            let props = BasicProperties::default()
+                .with_reply_to(link.reply_to.as_str().into())
+                .with_correlation_id(id.as_str().into())
+                .with_expiration(timeout.as_millis().to_string().as_str().into());
+            let queue = self.topology.names.inbox(target);
+            let published = link
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await;
+            if let Err(e) = published {
+                lock(&self.consuming.calls).remove(&id);
+                return Err(unavailable(e));
+            }
+            sent = Some(id);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
+                "the lxbridge instance serving the inbox of {target} went away; try again"
+            ))),
+            Err(_) => {
+                if let Some(id) = sent {
+                    lock(&self.consuming.calls).remove(&id);
+                }
+                Err(BrokerError::Unavailable(format!(
+                    "no lxbridge instance answered for the inbox of {target} within {} s; try again",
+                    timeout.as_secs()
+                )))
+            }
+        }
+    }
+}
+
+/// Announces this instance every [`BEAT`] until `stop`.
+async fn announce(broker: Arc<RabbitBroker>, ctl: Channel, stop: CancellationToken) {
+    let fanout = broker.topology.names.instances();
+    loop {
+        let beat = BasicProperties::default().with_type("beat".into());
+        let sent = publish_control(&ctl, &fanout, "", beat, broker.consuming.id.as_bytes()).await;
+        if let Err(e) = sent {
+            debug!(error = %e, "could not announce this instance");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
+}
+
+/// Hands one queue's deliveries on to the target's delivery task.
+struct Forward {
+    target: String,
+    partition: u16,
+    lease: Arc<Lease>,
+    tx: mpsc::Sender<Incoming>,
+    drain: bool,
+}
+
+impl Forward {
+    async fn run(
+        self,
+        ch: Channel,
+        mut consumer: lapin::Consumer,
+        release: CancellationToken,
+        stop: CancellationToken,
+        done: Arc<AtomicBool>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                _ = release.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let incoming = self.incoming(delivery);
+                    tokio::select! {
+                        _ = release.cancelled() => break,
+                        sent = self.tx.send(incoming) => if sent.is_err() { break },
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(target = %self.target, partition = self.partition, error = %e, "consumer failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        // Everything handed on is settled before the channel closes, so whoever consumes the
+        // queue next starts right after it (what was prefetched and not handed on goes back).
+        while self.drain && self.lease.open.load(Ordering::SeqCst) > 0 && !stop.is_cancelled() {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        self.lease.alive.store(false, Ordering::SeqCst);
+        let _ = ch.close(200, "consumer released".into()).await;
+        debug!(target = %self.target, partition = self.partition, "consumer stopped");
+        done.store(true, Ordering::SeqCst);
+    }
+
+    fn incoming(&self, delivery: lapin::message::Delivery) -> Incoming {
+        let p = &delivery.properties;
+        Incoming {
+            attempt: header_i64(p, H_ATTEMPT)
+                .and_then(|a| u32::try_from(a).ok())
+                .unwrap_or(1)
+                .max(1),
+            first_failed_ms: header_i64(p, H_FIRST_FAILED),
+            alone: header_alone(p),
+            partition: self.partition,
+            handle: AckHandle::Rabbit {
+                acker: delivery.acker,
+                slot: Slot::take(&self.lease),
+            },
+            body: delivery.data,
+        }
+    }
+}
