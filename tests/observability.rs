@@ -935,6 +935,13 @@ fn deploy_files_parse_and_agree_with_config() {
         cpu["resource"]["target"]["averageUtilization"].as_u64(),
         Some(70)
     );
+    // Every replica the HPA may start gets a share of each push target.
+    let max_replicas = hpa["spec"]["maxReplicas"].as_u64().unwrap();
+    assert!(
+        u64::from(k8s_config.broker.partitions) >= max_replicas,
+        "broker.partitions {} < HPA maxReplicas {max_replicas}: some replicas would get no push work",
+        k8s_config.broker.partitions
+    );
     let min_replicas = hpa["spec"]["minReplicas"].as_u64().unwrap_or(1);
     assert!(
         replicas >= 2 && min_replicas >= 2,

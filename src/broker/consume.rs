@@ -670,29 +670,32 @@ impl Forward {
         stop: CancellationToken,
         done: Arc<AtomicBool>,
     ) {
-        loop {
+        // True when this instance gives the queue up; false when the consumer is gone.
+        let released = loop {
             let next = tokio::select! {
-                _ = release.cancelled() => break,
+                _ = release.cancelled() => break true,
                 next = consumer.next() => next,
             };
             match next {
                 Some(Ok(delivery)) => {
                     let incoming = self.incoming(delivery);
                     tokio::select! {
-                        _ = release.cancelled() => break,
-                        sent = self.tx.send(incoming) => if sent.is_err() { break },
+                        _ = release.cancelled() => break true,
+                        sent = self.tx.send(incoming) => if sent.is_err() { break false },
                     }
                 }
                 Some(Err(e)) => {
                     warn!(target = %self.target, partition = self.partition, error = %e, "consumer failed");
-                    break;
+                    break false;
                 }
-                None => break,
+                None => break false,
             }
-        }
-        // Everything handed on is settled before the channel closes, so whoever consumes the
-        // queue next starts right after it (what was prefetched and not handed on goes back).
-        while self.drain && self.lease.open.load(Ordering::SeqCst) > 0 && !stop.is_cancelled() {
+        };
+        // Given up: everything handed on is settled before the channel closes, so whoever
+        // consumes the queue next starts right after it (what was prefetched and not handed
+        // on goes back). Gone: nothing of it can be settled any more.
+        let drain = released && self.drain;
+        while drain && self.lease.open.load(Ordering::SeqCst) > 0 && !stop.is_cancelled() {
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -24,8 +24,9 @@ use crate::route::Routes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -981,6 +982,43 @@ impl RabbitBroker {
         }
     }
 
+    /// Takes every ready message of a delivery queue on `ch`, unacked, as [`Self::get_all`]
+    /// does; by consuming, since a queue with a single active consumer refuses `basic.get`.
+    /// No one else may consume it (export checks that there is no consumer).
+    async fn consume_all(
+        &self,
+        ch: &Channel,
+        queue: &str,
+    ) -> Result<Vec<lapin::message::Delivery>, BrokerError> {
+        let ready = self.passive_count(ch, queue).await? as usize;
+        let mut got = Vec::with_capacity(ready);
+        if ready == 0 {
+            return Ok(got);
+        }
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "lxbridge-export".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.lost(e))?;
+        while got.len() < ready {
+            match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+                Ok(Some(Ok(delivery))) => got.push(delivery),
+                Ok(Some(Err(e))) => return Err(self.lost(e)),
+                Ok(None) | Err(_) => {
+                    return Err(BrokerError::Unavailable(format!(
+                        "queue {queue} gave {} of its {ready} messages within 10 s",
+                        got.len()
+                    )))
+                }
+            }
+        }
+        Ok(got)
+    }
+
     async fn export_on(&self, ch: &Channel, target: &str) -> Result<Vec<Held>, BrokerError> {
         let names = &self.topology.names;
         let queues = self.topology.delivery_queues(target);
@@ -1003,7 +1041,7 @@ impl RabbitBroker {
         }
         let mut held = Vec::new();
         for queue in &queues {
-            for d in self.get_all(ch, queue).await? {
+            for d in self.consume_all(ch, queue).await? {
                 held.push(held_waiting(&d, HeldIn::Deliver));
             }
         }
