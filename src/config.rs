@@ -177,10 +177,10 @@ pub const MAX_PARTITIONS: u16 = 64;
 pub struct BrokerConfig {
     pub url: String,
     pub prefix: String,
-    /// Extension: how many partitions each push target's delivery queue has. An object
-    /// lives in one partition (by a hash of its ref); each partition is delivered by one
-    /// instance at a time (single active consumer), and the partitions are shared out among
-    /// the running instances.
+    /// Extension: how many partitions each push target's delivery queue has (default 1). An
+    /// object lives in one partition (by a hash of its ref); each partition is delivered by
+    /// one instance at a time (single active consumer), and the partitions are shared out
+    /// among the running instances. One instance needs one; several want at least as many.
     pub partitions: u16,
 }
 
@@ -189,7 +189,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "lx".into(),
-            partitions: 4,
+            partitions: 1,
         }
     }
 }

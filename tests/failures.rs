@@ -495,6 +495,135 @@ async fn store_cut_mid_load_gives_503_and_loses_nothing_accepted() {
     bridge.finish().await;
 }
 
+/// A push target with 4 partitions: each change waits in its ref's partition, and the retry
+/// step, the DLQ and a replay bring it back into that partition, delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_target_keeps_each_change_in_its_partition_through_retry_and_replay() {
+    let target = Target::start().await;
+    let template = config(&target.url()).replace(
+        "prefix = \"{prefix}\"",
+        "prefix = \"{prefix}\"\npartitions = 4",
+    );
+    let prefix = unique_prefix("parts");
+    let text = render(Backend::Rabbit, &template, &prefix, AMQP_URL);
+    let config = lxbridge::config::Config::parse(&text, "test config").unwrap();
+    let refs: Vec<String> = (0..40)
+        .map(|i| format!("{i:08x}-9f2c-11ee-8c90-0242ac120002"))
+        .collect();
+    // Published as ingress does, by a broker that consumes nothing: the changes stay where
+    // the broker routed them.
+    {
+        use lxbridge::broker::{Broker, Outgoing, PublishOutcome};
+        let (cancel, tasks) = (
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
+        );
+        let routes = lxbridge::route::Routes::from_config(&config);
+        let gauge = prometheus::IntGauge::new("up", "up").unwrap();
+        let broker =
+            lxbridge::broker::RabbitBroker::start(&config, &routes, cancel.clone(), &tasks, gauge);
+        eventually(WAIT, "the broker connected", || broker.ready()).await;
+        let messages: Vec<Outgoing> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Outgoing {
+                kind: "Catalog.X".into(),
+                id: format!("id-{r}"),
+                partition: lxbridge::route::partition(r, 4),
+                body: json!({"id": format!("id-{r}"), "type": "Catalog.X", "ref": r,
+                    "op": "upsert", "data": {"n": i}, "source": "central", "seq": i + 1,
+                    "accepted_ms": 0})
+                .to_string()
+                .into_bytes(),
+            })
+            .collect();
+        let outcomes = broker.publish("central", &messages).await.unwrap();
+        assert!(
+            outcomes.iter().all(|o| *o == PublishOutcome::Confirmed),
+            "{outcomes:?}"
+        );
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+    let names = lxbridge::broker::Names {
+        prefix: prefix.clone(),
+    };
+    let mut expected = [0u32; 4];
+    for r in &refs {
+        expected[usize::from(lxbridge::route::partition(r, 4))] += 1;
+    }
+    assert!(
+        expected.iter().all(|&n| n > 0),
+        "40 refs over 4 partitions: {expected:?}"
+    );
+    let mut counts = [0u32; 4];
+    for (p, count) in counts.iter_mut().enumerate() {
+        *count = queue_len(&names.partition("shop", p as u16)).await;
+    }
+    assert_eq!(counts, expected, "each change waits in its ref's partition");
+
+    // Delivered: one change fails once (a retry step), one is refused for good (the DLQ).
+    let (retried, refused) = (format!("id-{}", refs[3]), format!("id-{}", refs[7]));
+    let failed_once = Arc::new(Mutex::new(HashSet::new()));
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (r, f, once) = (retried.clone(), refused.clone(), failed_once.clone());
+    let fix = fixed.clone();
+    target.set_verdict(move |c| {
+        let id = c["id"].as_str().unwrap_or_default();
+        if id == r && once.lock().unwrap().insert(id.to_string()) {
+            return Some(("try again".to_string(), true));
+        }
+        (id == f && !fix.load(Ordering::SeqCst)).then(|| ("never".to_string(), false))
+    });
+    let bridge = Bridge::start_with(Backend::Rabbit, &prefix, &template, AMQP_URL, true).await;
+    eventually(WAIT, "all but the refused one delivered", || {
+        target.distinct_ids().len() == 39
+    })
+    .await;
+    eventually(WAIT, "the refused one in the DLQ", || {
+        futures_lite_block(bridge.dlq_len("shop")) == 1
+    })
+    .await;
+    fixed.store(true, Ordering::SeqCst);
+    let (s, body) = admin(
+        &bridge,
+        reqwest::Method::POST,
+        "/api/v1/dlq/shop/replay",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!((s, body.clone()), (200, json!({"replayed": 1})), "{body}");
+    eventually(WAIT, "the replayed one delivered", || {
+        target.distinct_ids().contains(&refused)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The target records what it took: every change once, the retried one at attempt 2.
+    let twice: Vec<(String, usize)> = target
+        .id_counts()
+        .into_iter()
+        .filter(|(_, n)| *n != 1)
+        .collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(target.distinct_ids().len(), 40);
+    let retried_attempt = target
+        .received()
+        .into_iter()
+        .filter(|g| g.change["id"] == retried.as_str())
+        .map(|g| g.change["attempt"].as_u64().unwrap())
+        .max();
+    assert_eq!(retried_attempt, Some(2));
+    for p in 0..4 {
+        assert_eq!(
+            queue_len(&names.partition("shop", p)).await,
+            0,
+            "partition {p} drained"
+        );
+    }
+    bridge.finish().await;
+}
+
 both_backends!(
     always_failing_change_dies_with_its_error_then_replay_delivers_it,
     retry_false_dead_letters_at_once_and_purge_by_id_removes_exactly_that_one,

@@ -11,8 +11,7 @@
 //! - a client's retry of a request whose instance died mid-publish is accepted by another
 //!   instance within 10 s.
 //!
-//! The config sets `[broker] partitions = 4`. `LXBRIDGE_TEST_PARTITIONS` overrides the
-//! number (`none` leaves the key out, to run these tests against a build that predates it).
+//! The config sets `[broker] partitions = 4`.
 //! Without RabbitMQ or Redis the tests fail under `CI=true` and are skipped (with a notice)
 //! otherwise.
 

@@ -19,8 +19,8 @@
 
 use super::members::{owner, Members, BEAT};
 use super::{
-    backoff, header_alone, header_i64, AckHandle, BrokerError, InboxCall, Incoming, RabbitBroker,
-    H_ATTEMPT, H_FIRST_FAILED,
+    backoff, header_alone, header_attempt, header_i64, AckHandle, BrokerError, InboxCall, Incoming,
+    RabbitBroker, H_FIRST_FAILED,
 };
 use futures_util::StreamExt;
 use lapin::options::{
@@ -198,10 +198,27 @@ fn unavailable(e: lapin::Error) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// Consumes a queue whose messages need no ack (announcements, requests, answers: one lost
+/// is made good by the next, or by the asker's time-out).
+async fn consume_no_ack(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<lapin::Consumer, BrokerError> {
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    ch.basic_consume(queue.into(), tag.into(), no_ack, FieldTable::default())
+        .await
+        .map_err(unavailable)
+}
+
 impl RabbitBroker {
     pub(super) async fn consuming_supervisor(self: Arc<Self>) {
         let mut attempt = 0u32;
         while !self.cancel.is_cancelled() {
+            let began = Instant::now();
             let result = match self.connect("consume").await {
                 Ok(conn) => {
                     let result = self.consume_on(&conn).await;
@@ -217,6 +234,9 @@ impl RabbitBroker {
                 Err(e) => {
                     if !self.cancel.is_cancelled() {
                         warn!(error = %e, attempt, "consuming from RabbitMQ failed; reconnecting");
+                    }
+                    if began.elapsed() > Duration::from_secs(30) {
+                        attempt = 0; // it ran well before it failed: start the backoff again
                     }
                     attempt += 1;
                     tokio::select! {
@@ -237,6 +257,10 @@ impl RabbitBroker {
         let tasks = TaskTracker::new();
         let this = self.clone();
         let listening = stop.clone();
+        // Cancelled when this instance's own queue stops delivering (its channel closed):
+        // then nothing is heard or answered here, so the connection is started again.
+        let deaf = CancellationToken::new();
+        let deafened = deaf.clone();
         tasks.spawn(async move {
             let mut listener = listener;
             loop {
@@ -248,6 +272,7 @@ impl RabbitBroker {
                     },
                 }
             }
+            deafened.cancel();
         });
         tasks.spawn(announce(self.clone(), ctl.clone(), stop.clone()));
         info!(instance = %self.consuming.id, "consuming connection to RabbitMQ is up");
@@ -264,6 +289,9 @@ impl RabbitBroker {
             tokio::select! {
                 _ = self.cancel.cancelled() => break Ok(()),
                 _ = self.consuming.changed.notified() => {}
+                _ = deaf.cancelled() => break Err(BrokerError::Unavailable(
+                    "this instance's own queue stopped delivering".into(),
+                )),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) => break Err(unavailable(e)),
@@ -308,18 +336,8 @@ impl RabbitBroker {
         )
         .await
         .map_err(unavailable)?;
-        let listener = ctl
-            .basic_consume(
-                queue.as_str().into(),
-                format!("lxbridge-{}", self.consuming.id).as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
+        let tag = format!("lxbridge-{}", self.consuming.id);
+        let listener = consume_no_ack(ctl, &queue, &tag).await?;
         *lock(&self.consuming.link) = Some(Link {
             channel: ctl.clone(),
             reply_to: queue,
@@ -466,20 +484,8 @@ impl RabbitBroker {
         tasks: &TaskTracker,
     ) -> Result<Running, BrokerError> {
         let ch = conn.create_channel().await.map_err(unavailable)?;
-        let mut requests = ch
-            .basic_consume(
-                self.topology.names.inbox(target).as_str().into(),
-                format!("lxbridge-{}-inbox-{target}", self.consuming.id)
-                    .as_str()
-                    .into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
+        let tag = format!("lxbridge-{}-inbox-{target}", self.consuming.id);
+        let mut requests = consume_no_ack(&ch, &self.topology.names.inbox(target), &tag).await?;
         let release = stop.child_token();
         let done = Arc::new(AtomicBool::new(false));
         let (this, target, cancel, finished) = (
@@ -710,10 +716,7 @@ impl Forward {
     fn incoming(&self, delivery: lapin::message::Delivery) -> Incoming {
         let p = &delivery.properties;
         Incoming {
-            attempt: header_i64(p, H_ATTEMPT)
-                .and_then(|a| u32::try_from(a).ok())
-                .unwrap_or(1)
-                .max(1),
+            attempt: header_attempt(p),
             first_failed_ms: header_i64(p, H_FIRST_FAILED),
             alone: header_alone(p),
             partition: self.partition,

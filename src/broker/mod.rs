@@ -352,6 +352,14 @@ impl Topology {
         }
     }
 
+    /// Puts the partition header on a message bound for a push target's delivery queues
+    /// (with one partition the bindings take every message: no header needed).
+    fn mark_partition(&self, headers: &mut FieldTable, partition: u16) {
+        if self.partitions > 1 {
+            headers.insert(H_PARTITION.into(), long_string(&partition.to_string()));
+        }
+    }
+
     /// Every delivery queue of the target, partition 0 first.
     fn delivery_queues(&self, target: &str) -> Vec<String> {
         (0..self.partitions_of(target))
@@ -374,10 +382,20 @@ impl Topology {
                 .await
                 .map_err(|e| topo(format!("exchange {name}"), e))?;
         }
+        // Gone with the last instance's queue: it carries nothing that must outlive them.
         let instances = self.names.instances();
-        declare_exchange(ch, &instances, ExchangeKind::Fanout)
-            .await
-            .map_err(|e| topo(format!("exchange {instances}"), e))?;
+        let transient = ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            instances.as_str().into(),
+            ExchangeKind::Fanout,
+            transient,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| topo(format!("exchange {instances}"), e))?;
         for target in self.targets() {
             self.declare_target(ch, target)
                 .await
@@ -552,6 +570,14 @@ fn header_opt_str(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// The attempt a consumed message is delivered as: 1, or what its retry step said.
+fn header_attempt(props: &BasicProperties) -> u32 {
+    header_i64(props, H_ATTEMPT)
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 fn header_alone(props: &BasicProperties) -> bool {
     props
         .headers()
@@ -565,10 +591,7 @@ fn held_waiting(delivery: &lapin::message::Delivery, queue: HeldIn) -> Held {
     let p = &delivery.properties;
     Held {
         queue,
-        attempt: header_i64(p, H_ATTEMPT)
-            .and_then(|a| u32::try_from(a).ok())
-            .unwrap_or(1)
-            .max(1),
+        attempt: header_attempt(p),
         first_failed_ms: header_i64(p, H_FIRST_FAILED),
         alone: header_alone(p),
         error: header_opt_str(p, H_ERROR),
@@ -617,7 +640,7 @@ fn held_headers(topology: &Topology, target: &str, held: &Held) -> (String, Stri
                 headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
             }
             let partition = crate::route::partition(&body_ref(&held.body), topology.partitions);
-            headers.insert(H_PARTITION.into(), long_string(&partition.to_string()));
+            topology.mark_partition(&mut headers, partition);
             (names.target_exchange(target), String::new(), headers)
         }
         HeldIn::Dlq {
@@ -886,7 +909,7 @@ impl RabbitBroker {
         mut headers: FieldTable,
     ) -> Result<(), BrokerError> {
         let partition = crate::route::partition(&body_ref(body), self.topology.partitions);
-        headers.insert(H_PARTITION.into(), long_string(&partition.to_string()));
+        self.topology.mark_partition(&mut headers, partition);
         let exchange = self.topology.names.target_exchange(target);
         self.publish_confirmed(&exchange, "", body, headers).await
     }
@@ -1120,7 +1143,7 @@ impl Broker for RabbitBroker {
             let mut confirms = Vec::with_capacity(messages.len());
             for m in messages {
                 let mut headers = FieldTable::default();
-                headers.insert(H_PARTITION.into(), long_string(&m.partition.to_string()));
+                self.topology.mark_partition(&mut headers, m.partition);
                 let props = BasicProperties::default()
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into())
@@ -1208,10 +1231,8 @@ impl Broker for RabbitBroker {
                 if f.alone {
                     headers.insert(H_ALONE.into(), AMQPValue::Boolean(true));
                 }
-                headers.insert(
-                    H_PARTITION.into(),
-                    long_string(&message.partition.to_string()),
-                );
+                self.topology
+                    .mark_partition(&mut headers, message.partition);
                 self.topology
                     .names
                     .retry(f.target, message.attempt as usize)

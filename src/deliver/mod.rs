@@ -95,23 +95,32 @@ pub struct Core {
 /// this process delivered, so only while the same instance keeps serving the object.
 #[derive(Default)]
 pub struct SeenMarks {
-    /// (source, type, ref) → the last seq the target confirmed.
-    marks: std::sync::Mutex<HashMap<(String, String, String), i64>>,
+    /// A hash of (source, type, ref) → the last seq the target confirmed. Hashed (SipHash,
+    /// keyed per process) so a remembered object costs 16 bytes and no allocation; with
+    /// 100,000 remembered, a new object shares a 64-bit hash with one of them with a chance
+    /// of about 5 × 10^-15.
+    marks: std::sync::Mutex<HashMap<u64, i64>>,
+    keys: std::collections::hash_map::RandomState,
 }
 
 impl SeenMarks {
     /// Objects remembered at most.
     pub const MAX: usize = 100_000;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), i64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {
         // A panic while holding the lock can't leave the map inconsistent: use it as it is.
         self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn key(&self, source: &str, kind: &str, reference: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one((source, kind, reference))
+    }
+
     /// Raises the mark of (source, type, ref) to `seq` (never lowers it).
     pub fn raise(&self, source: &str, kind: &str, reference: &str, seq: i64) {
+        let key = self.key(source, kind, reference);
         let mut marks = self.lock();
-        let key = (source.to_string(), kind.to_string(), reference.to_string());
         if let Some(m) = marks.get_mut(&key) {
             *m = (*m).max(seq);
             return;
@@ -124,22 +133,20 @@ impl SeenMarks {
 
     /// The higher of `stored` (the store's mark) and the one remembered, per key.
     pub fn merge(&self, keys: &[MarkKey<'_>], stored: Vec<Option<i64>>) -> Vec<Option<i64>> {
+        let hashed: Vec<u64> = keys
+            .iter()
+            .map(|k| self.key(k.source, k.kind, k.reference))
+            .collect();
         let marks = self.lock();
         if marks.is_empty() {
             return stored;
         }
-        keys.iter()
+        hashed
+            .iter()
             .zip(stored)
-            .map(|(k, s)| {
-                let key = (
-                    k.source.to_string(),
-                    k.kind.to_string(),
-                    k.reference.to_string(),
-                );
-                match (s, marks.get(&key).copied()) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                }
+            .map(|(k, s)| match (s, marks.get(k).copied()) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
             })
             .collect()
     }
