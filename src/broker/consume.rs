@@ -253,7 +253,10 @@ impl RabbitBroker {
         let ctl = conn.create_channel().await.map_err(unavailable)?;
         self.topology.declare(&ctl).await?;
         let listener = self.listen_on(&ctl).await?;
-        let stop = self.cancel.child_token();
+        // Not a child of `self.cancel`: at shutdown this instance's queue must still be
+        // consumed (an auto-delete queue goes with its last consumer, and the fanout with
+        // it) while it says it leaves; everything here stops right after.
+        let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let this = self.clone();
         let listening = stop.clone();
