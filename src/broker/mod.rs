@@ -301,7 +301,7 @@ struct Topology {
     /// Partitions of each push target's delivery queue.
     partitions: u16,
     retry_delays: Vec<Duration>,
-    bindings: Vec<(String, String, String)>, // (source exchange, target exchange, pattern)
+    bindings: Vec<(String, String, String)>, // (source exchange, target, pattern)
 }
 
 impl Topology {
@@ -314,7 +314,7 @@ impl Topology {
             .map(|b| {
                 (
                     names.exchange(&b.source),
-                    names.target_exchange(&b.target),
+                    b.target.clone(),
                     b.pattern.clone(),
                 )
             })
@@ -410,17 +410,41 @@ impl Topology {
                 .map_err(|e| topo(format!("queue {name}"), e))?;
         }
         for (source, target, pattern) in &self.bindings {
-            ch.exchange_bind(
-                target.as_str().into(),
-                source.as_str().into(),
-                pattern.as_str().into(),
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| topo(format!("binding {source} -> {target} ({pattern})"), e))?;
+            self.bind_route(ch, source, target, pattern)
+                .await
+                .map_err(|(what, e)| topo(what, e))?;
         }
         Ok(())
+    }
+
+    /// Binds a route's pattern from the source exchange into the target: straight to its one
+    /// delivery queue, or to its headers exchange, which picks the partition (one hop more
+    /// in RabbitMQ, paid only where there are partitions to pick from).
+    async fn bind_route(
+        &self,
+        ch: &Channel,
+        source: &str,
+        target: &str,
+        pattern: &str,
+    ) -> Result<(), (String, lapin::Error)> {
+        let (opts, args) = (QueueBindOptions::default(), FieldTable::default());
+        if self.partitions_of(target) == 1 {
+            let queue = self.names.deliver(target);
+            return ch
+                .queue_bind(queue.as_str().into(), source.into(), pattern.into(), opts, args)
+                .await
+                .map_err(|e| (format!("binding {source} -> {queue} ({pattern})"), e));
+        }
+        let exchange = self.names.target_exchange(target);
+        ch.exchange_bind(
+            exchange.as_str().into(),
+            source.into(),
+            pattern.into(),
+            ExchangeBindOptions::default(),
+            args,
+        )
+        .await
+        .map_err(|e| (format!("binding {source} -> {exchange} ({pattern})"), e))
     }
 
     /// A target's headers exchange, its delivery queues (single active consumer) bound to it
