@@ -194,6 +194,24 @@ struct Desired {
     drain: bool,
 }
 
+/// How long a set-up step on the consuming connection may take: a RabbitMQ that is still
+/// recovering its queues may leave a declare or a consume unanswered; the connection is then
+/// started again instead of waiting for ever.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(
+    step: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(SETUP_TIMEOUT, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "RabbitMQ did not answer a set-up step within {} s",
+                SETUP_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 fn unavailable(e: lapin::Error) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -251,8 +269,8 @@ impl RabbitBroker {
     /// Runs everything the consuming connection carries until it fails or lxbridge stops.
     async fn consume_on(self: &Arc<Self>, conn: &Connection) -> Result<(), BrokerError> {
         let ctl = conn.create_channel().await.map_err(unavailable)?;
-        self.topology.declare(&ctl).await?;
-        let listener = self.listen_on(&ctl).await?;
+        bounded(self.topology.declare(&ctl)).await?;
+        let listener = bounded(self.listen_on(&ctl)).await?;
         // Not a child of `self.cancel`: at shutdown this instance's queue must still be
         // consumed (an auto-delete queue goes with its last consumer, and the fanout with
         // it) while it says it leaves; everything here stops right after.
@@ -370,7 +388,7 @@ impl RabbitBroker {
             if running.contains_key(&key) {
                 continue;
             }
-            let r = self.start_partition(conn, &key, want, stop, tasks).await?;
+            let r = bounded(self.start_partition(conn, &key, want, stop, tasks)).await?;
             info!(target = %key.0, partition = key.1, "consuming");
             running.insert(key, r);
         }
@@ -380,7 +398,7 @@ impl RabbitBroker {
             .collect();
         for (target, tx) in serving {
             if let std::collections::hash_map::Entry::Vacant(slot) = inboxes.entry(target) {
-                let r = self.start_inbox(conn, slot.key(), tx, stop, tasks).await?;
+                let r = bounded(self.start_inbox(conn, slot.key(), tx, stop, tasks)).await?;
                 slot.insert(r);
             }
         }

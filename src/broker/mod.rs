@@ -431,7 +431,13 @@ impl Topology {
         if self.partitions_of(target) == 1 {
             let queue = self.names.deliver(target);
             return ch
-                .queue_bind(queue.as_str().into(), source.into(), pattern.into(), opts, args)
+                .queue_bind(
+                    queue.as_str().into(),
+                    source.into(),
+                    pattern.into(),
+                    opts,
+                    args,
+                )
                 .await
                 .map_err(|e| (format!("binding {source} -> {queue} ({pattern})"), e));
         }
