@@ -177,6 +177,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Running {
     release: CancellationToken,
     done: Arc<AtomicBool>,
+    /// A delivery queue consumer's queue, lease and last delivery (ms since the Unix epoch),
+    /// for the stall check.
+    watch: Option<(String, Arc<Lease>, Arc<AtomicU64>)>,
+}
+
+/// A delivery queue consumer that received nothing for this long while its queue has ready
+/// changes and it holds none is subscribed again (a consumer RabbitMQ no longer serves, as
+/// seen once after a RabbitMQ restart, must not hold a queue up).
+const STALL: Duration = Duration::from_secs(15);
+
+fn now_ms() -> u64 {
+    crate::store::unix_ms_now().max(0) as u64
 }
 
 impl Running {
@@ -377,6 +389,7 @@ impl RabbitBroker {
     ) -> Result<(), BrokerError> {
         running.retain(|_, r| !r.finished());
         inboxes.retain(|_, r| !r.finished());
+        self.restart_stalled(running).await;
         let desired = self.desired();
         for ((target, partition), r) in running.iter() {
             if !desired.contains_key(&(target.clone(), *partition)) && !r.release.is_cancelled() {
@@ -403,6 +416,38 @@ impl RabbitBroker {
             }
         }
         Ok(())
+    }
+
+    /// Subscribes again each delivery queue consumer that idles beside ready changes.
+    async fn restart_stalled(&self, running: &HashMap<(String, u16), Running>) {
+        let Some(link) = lock(&self.consuming.link).clone() else {
+            return;
+        };
+        for ((target, partition), r) in running {
+            let Some((queue, lease, last)) = &r.watch else {
+                continue;
+            };
+            let idle = now_ms().saturating_sub(last.load(Ordering::SeqCst));
+            if idle < STALL.as_millis() as u64 || lease.open.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            last.store(now_ms(), Ordering::SeqCst);
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared =
+                link.channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default());
+            let ready = match tokio::time::timeout(SETUP_TIMEOUT, declared).await {
+                Ok(Ok(q)) => q.message_count(),
+                _ => continue,
+            };
+            if ready > 0 && !r.release.is_cancelled() {
+                warn!(%target, partition, ready, "no delivery for 15 s beside ready changes; subscribing again");
+                r.release.cancel();
+            }
+        }
     }
 
     /// The delivery queue consumers this instance should run now.
@@ -480,18 +525,26 @@ impl RabbitBroker {
             .map_err(unavailable)?;
         let release = stop.child_token();
         let done = Arc::new(AtomicBool::new(false));
+        let lease = Arc::new(Lease {
+            alive: AtomicBool::new(true),
+            open: AtomicUsize::new(0),
+        });
+        let last = Arc::new(AtomicU64::new(now_ms()));
         let forward = Forward {
             target: target.clone(),
             partition: *partition,
-            lease: Arc::new(Lease {
-                alive: AtomicBool::new(true),
-                open: AtomicUsize::new(0),
-            }),
+            lease: lease.clone(),
+            last: last.clone(),
             tx: want.tx,
             drain: want.drain,
         };
         tasks.spawn(forward.run(ch, consumer, release.clone(), stop.clone(), done.clone()));
-        Ok(Running { release, done })
+        let watch = Some((want.queue, lease, last));
+        Ok(Running {
+            release,
+            done,
+            watch,
+        })
     }
 
     /// Consumes a pull target's request queue: the first request makes this instance the
@@ -535,7 +588,11 @@ impl RabbitBroker {
             let _ = ch.close(200, "inbox consumer stopped".into()).await;
             finished.store(true, Ordering::SeqCst);
         });
-        Ok(Running { release, done })
+        Ok(Running {
+            release,
+            done,
+            watch: None,
+        })
     }
 
     /// Hands a request from another instance (or this one) to the inbox and sends its answer
@@ -684,6 +741,8 @@ struct Forward {
     target: String,
     partition: u16,
     lease: Arc<Lease>,
+    /// When the last delivery came (ms since the Unix epoch).
+    last: Arc<AtomicU64>,
     tx: mpsc::Sender<Incoming>,
     drain: bool,
 }
@@ -705,6 +764,7 @@ impl Forward {
             };
             match next {
                 Some(Ok(delivery)) => {
+                    self.last.store(now_ms(), Ordering::SeqCst);
                     let incoming = self.incoming(delivery);
                     tokio::select! {
                         _ = release.cancelled() => break true,
