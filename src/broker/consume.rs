@@ -341,7 +341,6 @@ impl RabbitBroker {
             let fanout = self.topology.names.instances();
             let _ = publish_control(&ctl, &fanout, "", leave, self.consuming.id.as_bytes()).await;
         }
-        self.consuming.disconnected();
         stop.cancel();
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
