@@ -42,6 +42,8 @@ pub enum AppError {
     Deliver(#[from] crate::deliver::DeliverError),
     #[error(transparent)]
     Embedded(#[from] crate::embedded::DbError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
 }
 
 /// A started lxbridge: where it listens and how to stop it.
@@ -129,7 +131,7 @@ async fn json_errors(response: Response) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
-    let broker = app.broker.ready();
+    let broker = app.broker.ready() && app.broker.inboxes_reachable();
     let store = matches!(
         tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
         Ok(Ok(()))
@@ -140,11 +142,15 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(serde_json::json!({"broker": broker, "store": store})),
-    )
-        .into_response()
+    let mut body = serde_json::json!({"broker": broker, "store": store});
+    let endpoints = app.broker.endpoints();
+    if endpoints.publish.is_some() || endpoints.consume.is_some() || endpoints.error.is_some() {
+        body["broker_endpoints"] = serde_json::json!(endpoints);
+    }
+    if let Some(endpoint) = app.store.endpoint() {
+        body["store_endpoint"] = endpoint.into();
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
@@ -156,6 +162,25 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// Connects once to each RabbitMQ node and to the store of a valid `config` (nothing for
+/// the embedded backend): what can't be reached, one line each, naming it and why.
+pub async fn probe(config: &Config) -> Vec<String> {
+    if config.backend != Backend::Rabbit {
+        return Vec::new();
+    }
+    let tls = match crate::tls::Material::of(
+        config.broker.tls.as_ref(),
+        &config.base_dir,
+        "broker.tls",
+    ) {
+        Ok(tls) => tls,
+        Err(problems) => return problems,
+    };
+    let mut problems = crate::broker::probe(&config.broker.url.0, &tls).await;
+    problems.extend(RedisStore::probe(config).await);
+    problems
 }
 
 /// Starts lxbridge on `listener` (use port 0 in tests). Returns once the server accepts
@@ -179,20 +204,14 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
 
     let (broker, store, db): (Arc<dyn Broker>, Arc<dyn Store>, _) = match config.backend {
         Backend::Rabbit => {
-            let store = Arc::new(RedisStore::new(
-                &config.store.redis_url,
-                &config.broker.prefix,
-                config.server.dedupe_window.0,
-                config.store.retention.0,
-                config.store.history_max,
-            )?);
+            let store = Arc::new(RedisStore::new(&config, metrics.store_endpoint.clone())?);
             let rabbit = RabbitBroker::start(
                 &config,
                 &routes,
                 broker_stop.clone(),
                 &broker_tasks,
-                metrics.broker_up.clone(),
-            );
+                &metrics,
+            )?;
             (rabbit, store, None)
         }
         Backend::Embedded => {

@@ -175,29 +175,86 @@ pub const MAX_PARTITIONS: u16 = 64;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    pub url: String,
+    /// One URL, or the nodes of a RabbitMQ cluster: each connection goes to the first that
+    /// answers, and to the next one when it is lost.
+    pub url: Urls,
     pub prefix: String,
     /// Extension: how many partitions each push target's delivery queue has (default 1). An
     /// object lives in one partition (by a hash of its ref); each partition is delivered by
     /// one instance at a time (single active consumer), and the partitions are shared out
     /// among the running instances. One instance needs one; several want at least as many.
     pub partitions: u16,
+    /// For `amqps://`: a private CA and an optional client certificate.
+    pub tls: Option<TlsFiles>,
+    /// Extension: how many cluster nodes each quorum queue is replicated on when it is
+    /// created (`x-quorum-initial-group-size`); unset, RabbitMQ decides (every node of the
+    /// cluster, in RabbitMQ 3.10).
+    pub quorum_replicas: Option<u8>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url: Urls(vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()]),
             prefix: "lx".into(),
             partitions: 1,
+            tls: None,
+            quorum_replicas: None,
         }
     }
+}
+
+/// `broker.url`: one URL or a list of them, in the order they are tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Urls(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Urls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = Urls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a URL or a list of URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Urls, E> {
+                Ok(Urls(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Urls, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    urls.push(url);
+                }
+                Ok(Urls(urls))
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
+/// `tls = { ca_file, cert_file, key_file }` of `[broker]` or `[store]`: PEM files (relative
+/// paths start from the config file's folder).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The CA that signed the server's certificate, when it is not a public one.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (chain), for servers that verify their clients.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1 PEM).
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// The Redis to use; with `sentinels`, only its scheme (`rediss://` for TLS), user,
+    /// password and database number are used, the master's address comes from them.
     pub redis_url: String,
+    /// Redis Sentinel: the sentinels to ask for the master of `master_name`.
+    pub sentinels: Vec<String>,
+    pub master_name: Option<String>,
+    /// For `rediss://`: a private CA and an optional client certificate.
+    pub tls: Option<TlsFiles>,
     /// Extension: how long object status, history and delivery marks are kept.
     pub retention: Duration,
     /// Extension: how many history events are kept per object (oldest dropped first).
@@ -208,6 +265,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            sentinels: Vec::new(),
+            master_name: None,
+            tls: None,
             retention: Duration::from_secs(30 * 86_400),
             history_max: 100,
         }
@@ -377,6 +437,34 @@ fn default_conflict() -> String {
 }
 
 /// `[a-z0-9_-]{1,64}`: node names appear in exchange names, queue names and URLs.
+/// Checks that every URL of `at` is `<plain>://` or its TLS form (`<plain>s://`), and not a
+/// mix of both; true when they use TLS.
+fn schemes(at: &str, urls: &[String], plain: &str, problems: &mut Vec<String>) -> bool {
+    let tls = format!("{plain}s");
+    let mut kinds = HashSet::new();
+    for url in urls {
+        match reqwest::Url::parse(url) {
+            Ok(u) if u.scheme() == plain || u.scheme() == tls => {
+                kinds.insert(u.scheme() == tls);
+                if u.host_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{at} {url:?} names no host"));
+                }
+            }
+            Ok(u) => problems.push(format!(
+                "{at} {url:?} must start with {plain}:// or {tls}:// (not {}://)",
+                u.scheme()
+            )),
+            Err(e) => problems.push(format!("{at} {url:?} is not a URL: {e}")),
+        }
+    }
+    if kinds.len() > 1 {
+        problems.push(format!(
+            "{at} mixes {plain}:// and {tls}:// URLs: every node is reached the same way (no plain-text fallback)"
+        ));
+    }
+    kinds.contains(&true)
+}
+
 pub fn valid_node_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -515,8 +603,7 @@ impl Config {
         let external_given = value.get("broker").is_some()
             || value
                 .get("store")
-                .and_then(|s| s.get("redis_url"))
-                .is_some();
+                .is_some_and(|s| s.get("redis_url").is_some() || s.get("sentinels").is_some());
         let mut config = Config::deserialize(value).map_err(|e| ConfigError::Schema {
             path: origin.into(),
             message: e.to_string(),
@@ -543,6 +630,54 @@ impl Config {
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// What is wrong with how RabbitMQ and Redis are reached: URLs, TLS files, Sentinel.
+    fn connection_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let broker = &self.broker;
+        if broker.url.0.is_empty() {
+            problems.push("broker.url lists no URL".into());
+        }
+        let tls_urls = schemes("broker.url", &broker.url.0, "amqp", &mut problems);
+        self.tls_files("broker.tls", broker.tls.as_ref(), tls_urls, &mut problems);
+        if broker.quorum_replicas == Some(0) {
+            problems.push("broker.quorum_replicas must be at least 1".into());
+        }
+        let store = &self.store;
+        let urls = std::slice::from_ref(&store.redis_url);
+        let tls_urls = schemes("store.redis_url", urls, "redis", &mut problems);
+        schemes("store.sentinels", &store.sentinels, "redis", &mut problems);
+        self.tls_files("store.tls", store.tls.as_ref(), tls_urls, &mut problems);
+        match (store.sentinels.is_empty(), &store.master_name) {
+            (true, Some(_)) => {
+                problems.push("store.master_name is set but store.sentinels is empty".into())
+            }
+            (false, None) => problems.push(
+                "store.sentinels needs store.master_name (the name the sentinels monitor)".into(),
+            ),
+            _ => {}
+        }
+        problems
+    }
+
+    /// Checks a `tls = { … }` table: its files, and that some URL uses TLS.
+    fn tls_files(
+        &self,
+        at: &str,
+        files: Option<&TlsFiles>,
+        tls_urls: bool,
+        problems: &mut Vec<String>,
+    ) {
+        let Some(files) = files else { return };
+        if !tls_urls {
+            problems.push(format!(
+                "{at} is set but no URL of its section uses TLS (amqps:// or rediss://): lxbridge would connect in plain text"
+            ));
+        }
+        if let Err(found) = crate::tls::Material::load(files, &self.base_dir, at) {
+            problems.extend(found);
+        }
     }
 
     /// Every problem in the configuration, one sentence each; empty when it is usable.
@@ -574,11 +709,8 @@ impl Config {
                 problems.push("embedded.data_dir must not be empty".into());
             }
         }
-        if self.backend == Backend::Rabbit && !self.broker.url.starts_with("amqp://") {
-            problems.push(format!(
-                "broker.url {:?} must start with amqp:// (this build has no TLS to RabbitMQ: amqps:// is not supported)",
-                self.broker.url
-            ));
+        if self.backend == Backend::Rabbit {
+            problems.extend(self.connection_problems());
         }
         let prefix = &self.broker.prefix;
         if prefix.is_empty()
@@ -595,12 +727,6 @@ impl Config {
             problems.push(format!(
                 "broker.partitions {} must be 1-{MAX_PARTITIONS}",
                 self.broker.partitions
-            ));
-        }
-        if self.backend == Backend::Rabbit && !self.store.redis_url.starts_with("redis://") {
-            problems.push(format!(
-                "store.redis_url {:?} must start with redis:// (this build has no TLS to Redis: rediss:// is not supported)",
-                self.store.redis_url
             ));
         }
         if self.store.history_max == 0 {

@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod model;
 pub mod route;
 pub mod store;
+pub mod tls;
 pub mod transform;
 
 use std::collections::HashMap;

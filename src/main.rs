@@ -30,7 +30,14 @@ enum Command {
     /// Run the service until SIGTERM/SIGINT.
     Run(ConfigArg),
     /// Check a config file and print every problem; exits 64 if there are any.
-    Validate(ConfigArg),
+    Validate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also connect to every RabbitMQ node of broker.url and to the store (TLS and
+        /// Sentinel included), and print each that can't be reached, with the reason.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Print a commented example config that validates.
     GenerateConfig,
     /// List, replay or purge a target's dead-letter queue.
@@ -166,24 +173,7 @@ fn main() -> ExitCode {
             print!("{}", lxbridge::config::EXAMPLE);
             ExitCode::SUCCESS
         }
-        Command::Validate(args) => match Config::load(&args.config) {
-            Ok(config) => {
-                let problems = config.validate();
-                if problems.is_empty() {
-                    println!("{}: ok", args.config.display());
-                    ExitCode::SUCCESS
-                } else {
-                    for p in &problems {
-                        println!("{}: {p}", args.config.display());
-                    }
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-            Err(e) => {
-                println!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Validate { config, connect } => validate(&config.config, connect),
         Command::Run(args) => report(run(args)),
         Command::Dlq { action } => report(match action {
             DlqAction::List {
@@ -256,6 +246,34 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("lxbridge: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `lxbridge validate`: every problem of the file, and with `connect` of reaching the
+/// servers, one line each; exit 64 when there is one.
+fn validate(path: &std::path::Path, connect: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut problems = config.validate();
+    if connect && problems.is_empty() {
+        match runtime() {
+            Ok(rt) => problems.extend(rt.block_on(lxbridge::app::probe(&config))),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for p in &problems {
+        println!("{}: {p}", path.display());
+    }
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CONFIG)
     }
 }
 

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub retry_messages: IntGaugeVec,
     pub inflight: IntGaugeVec,
     pub broker_up: IntGauge,
+    /// 1 for the RabbitMQ node each connection is on (`connection`, `endpoint`).
+    pub broker_endpoint: IntGaugeVec,
+    /// 1 for the Redis server the store is on (`endpoint`, `via`: direct or sentinel).
+    pub store_endpoint: IntGaugeVec,
     pub store_up: IntGauge,
     /// Times this process found that the store forgot its data (Redis restarted empty, or
     /// an older replica took over).
@@ -173,7 +177,19 @@ impl Metrics {
                 "lx_broker_up",
                 "1 while the publishing connection to RabbitMQ is up",
             ),
+            broker_endpoint: gauge_vec(
+                &r,
+                "lx_broker_endpoint",
+                "1 for the RabbitMQ node (host:port) each connection (publish, consume) is on",
+                &["connection", "endpoint"],
+            ),
             store_up: gauge(&r, "lx_store_up", "1 while the store (Redis) answers"),
+            store_endpoint: gauge_vec(
+                &r,
+                "lx_store_endpoint",
+                "1 for the Redis server (host:port) the store is on, and how it was found (direct, sentinel)",
+                &["endpoint", "via"],
+            ),
             store_losses: counter(
                 &r,
                 "lx_store_losses_total",

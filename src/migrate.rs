@@ -246,15 +246,15 @@ impl Opened {
             Backend::Rabbit => {
                 let cancel = CancellationToken::new();
                 let tracker = TaskTracker::new();
-                let up = prometheus::IntGauge::new("lx_broker_up", "RabbitMQ connected")
-                    .expect("a valid gauge");
+                // Nothing scrapes these: the broker wants somewhere to count.
+                let metrics = crate::metrics::Metrics::new();
                 let broker = RabbitBroker::start(
                     config,
                     &Routes::from_config(config),
                     cancel.clone(),
                     &tracker,
-                    up,
-                );
+                    &metrics,
+                )?;
                 tracker.close();
                 let opened = Opened::Rabbit {
                     broker,

@@ -499,6 +499,9 @@ async fn store_cut_mid_load_gives_503_and_loses_nothing_accepted() {
 /// step, the DLQ and a replay bring it back into that partition, delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_target_keeps_each_change_in_its_partition_through_retry_and_replay() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("lxbridge=debug")
+        .try_init();
     let target = Target::start().await;
     let template = config(&target.url()).replace(
         "prefix = \"{prefix}\"",
@@ -519,9 +522,15 @@ async fn partitioned_target_keeps_each_change_in_its_partition_through_retry_and
             tokio_util::task::TaskTracker::new(),
         );
         let routes = lxbridge::route::Routes::from_config(&config);
-        let gauge = prometheus::IntGauge::new("up", "up").unwrap();
-        let broker =
-            lxbridge::broker::RabbitBroker::start(&config, &routes, cancel.clone(), &tasks, gauge);
+        let metrics = lxbridge::metrics::Metrics::new();
+        let broker = lxbridge::broker::RabbitBroker::start(
+            &config,
+            &routes,
+            cancel.clone(),
+            &tasks,
+            &metrics,
+        )
+        .unwrap();
         eventually(WAIT, "the broker connected", || broker.ready()).await;
         let messages: Vec<Outgoing> = refs
             .iter()

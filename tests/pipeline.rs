@@ -489,7 +489,7 @@ async fn history_is_bounded_and_status_keys_expire(backend: Backend) {
                 format!("{}:h:{{inv-b}}", bridge.prefix),
                 format!("{}:o:{{inv-b}}", bridge.prefix),
             ] {
-                let ttl: i64 = deadpool_redis::redis::cmd("TTL")
+                let ttl: i64 = redis::cmd("TTL")
                     .arg(&key)
                     .query_async(&mut redis)
                     .await

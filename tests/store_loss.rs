@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use deadpool_redis::redis;
 use lxbridge::store::{IdState, RedisStore, Store};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -119,14 +118,18 @@ impl Drop for PrivateRedis {
 }
 
 fn redis_store(redis: &PrivateRedis, prefix: &str) -> RedisStore {
-    RedisStore::new(
-        &redis.url(),
-        prefix,
-        Duration::from_secs(3600),
-        Duration::from_secs(3600),
-        50,
+    let mut config = lxbridge::config::Config::parse("", "test").unwrap();
+    config.store.redis_url = redis.url();
+    config.broker.prefix = prefix.to_string();
+    config.server.dedupe_window = lxbridge::config::Duration(Duration::from_secs(3600));
+    config.store.retention = lxbridge::config::Duration(Duration::from_secs(3600));
+    config.store.history_max = 50;
+    let gauge = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("lx_store_endpoint", "test"),
+        &["endpoint", "via"],
     )
-    .unwrap()
+    .unwrap();
+    RedisStore::new(&config, gauge).unwrap()
 }
 
 /// Calls the store until it answers (its shared connection breaks when Redis restarts).

@@ -20,7 +20,7 @@
 use super::members::{owner, Members, BEAT};
 use super::{
     backoff, header_alone, header_attempt, header_i64, AckHandle, BrokerError, InboxCall, Incoming,
-    RabbitBroker, H_FIRST_FAILED,
+    RabbitBroker, Role, H_FIRST_FAILED,
 };
 use futures_util::StreamExt;
 use lapin::options::{
@@ -98,6 +98,8 @@ pub(super) struct Consuming {
     calls: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
     next_call: AtomicU64,
     changed: Notify,
+    /// Woken when the control link comes up.
+    linked: Notify,
 }
 
 impl Consuming {
@@ -115,6 +117,7 @@ impl Consuming {
             calls: Mutex::default(),
             next_call: AtomicU64::new(1),
             changed: Notify::new(),
+            linked: Notify::new(),
         }
     }
 
@@ -131,6 +134,23 @@ impl Consuming {
         lock(&self.serving).insert(target.to_string(), tx);
         self.changed.notify_one();
         rx
+    }
+
+    /// True while this instance hears the others and can reach every inbox.
+    pub(super) fn linked(&self) -> bool {
+        lock(&self.link).is_some()
+    }
+
+    /// The control link; while the connection is being made, waits for it until `deadline`.
+    async fn link_by(&self, deadline: tokio::time::Instant) -> Option<Link> {
+        loop {
+            // Registered before the check, so a link made in between still wakes it.
+            let up = self.linked.notified();
+            if let Some(link) = lock(&self.link).clone() {
+                return Some(link);
+            }
+            tokio::time::timeout_at(deadline, up).await.ok()?;
+        }
     }
 
     /// The connection is gone: nothing is served or answered here until the next one.
@@ -249,15 +269,16 @@ impl RabbitBroker {
         let mut attempt = 0u32;
         while !self.cancel.is_cancelled() {
             let began = Instant::now();
-            let result = match self.connect("consume").await {
+            let result = match self.nodes.connect(Role::Consume).await {
                 Ok(conn) => {
                     let result = self.consume_on(&conn).await;
                     self.consuming.disconnected();
+                    self.nodes.lost(Role::Consume);
                     // Closing returns every unacked message to its queue.
                     let _ = conn.close(200, "lxbridge consumer restart".into()).await;
                     result
                 }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(()) => attempt = 0,
@@ -374,6 +395,7 @@ impl RabbitBroker {
             channel: ctl.clone(),
             reply_to: queue,
         });
+        self.consuming.linked.notify_waiters();
         Ok(listener)
     }
 
@@ -659,6 +681,7 @@ impl RabbitBroker {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
         let local = lock(&self.consuming.owned)
             .contains(target)
@@ -671,9 +694,12 @@ impl RabbitBroker {
                 BrokerError::Unavailable(format!("the inbox of {target} is not running"))
             })?;
         } else {
-            let link = lock(&self.consuming.link)
-                .clone()
-                .ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))?;
+            let link = self.consuming.link_by(deadline).await.ok_or_else(|| {
+                BrokerError::Unavailable(format!(
+                    "not connected to RabbitMQ within {} s; try again",
+                    timeout.as_secs()
+                ))
+            })?;
             let id = self
                 .consuming
                 .next_call
@@ -701,7 +727,7 @@ impl RabbitBroker {
             }
             sent = Some(id);
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
                 "the lxbridge instance serving the inbox of {target} went away; try again"

@@ -16,20 +16,24 @@
 //! by one instance, the active consumer of its request queue; the others pass polls and acks
 //! to it ([`Broker::inbox_call`]).
 
+mod connect;
 mod consume;
 mod members;
 
+pub use connect::{endpoint, probe, Role, CONNECT_TIMEOUT};
+
 use crate::config::{Config, DeliverMode};
 use crate::route::Routes;
+use crate::tls::Material;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +49,8 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("broker topology problem: {0}")]
     Topology(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// One message to publish to a source node's exchange.
@@ -137,6 +143,12 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<PublishOutcome>, BrokerError>>;
     /// True while publishing can succeed (connected, not flow-controlled).
     fn ready(&self) -> bool;
+    /// True while every pull inbox can be reached from here, wherever it is served.
+    fn inboxes_reachable(&self) -> bool;
+    /// Which broker node each connection is on, for `/readyz` (nothing in-process).
+    fn endpoints(&self) -> Endpoints {
+        Endpoints::default()
+    }
     /// The stream of a target's deliveries; it survives reconnects.
     fn consume(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming>;
     fn ack(&self, message: Incoming) -> BoxFuture<'_, Result<(), BrokerError>>;
@@ -190,6 +202,17 @@ pub trait Broker: Send + Sync + 'static {
         body: Vec<u8>,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Vec<u8>, BrokerError>>;
+}
+
+/// Where a backend's connections are now (`host:port`), and why none can be made.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Endpoints {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consume: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where a [`Held`] message waits.
@@ -302,6 +325,8 @@ struct Topology {
     partitions: u16,
     retry_delays: Vec<Duration>,
     bindings: Vec<(String, String, String)>, // (source exchange, target, pattern)
+    /// `broker.quorum_replicas`: the replicas a quorum queue starts with.
+    quorum_replicas: Option<u8>,
 }
 
 impl Topology {
@@ -333,6 +358,7 @@ impl Topology {
             pull: with_mode(DeliverMode::Pull),
             partitions: config.broker.partitions.max(1),
             retry_delays: config.retry.delays.iter().map(|d| d.0).collect(),
+            quorum_replicas: config.broker.quorum_replicas,
             names,
             bindings,
         }
@@ -453,6 +479,23 @@ impl Topology {
         .map_err(|e| (format!("binding {source} -> {exchange} ({pattern})"), e))
     }
 
+    /// The arguments of every quorum queue: its type and, when configured, how many
+    /// cluster nodes it is replicated on from the start.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(n) = self.quorum_replicas {
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongInt(i32::from(n)),
+            );
+        }
+        args
+    }
+
     /// A target's headers exchange, its delivery queues (single active consumer) bound to it
     /// by partition, its retry steps (dead-lettering back to the exchange, which routes by
     /// the partition header they keep) and its DLQ.
@@ -472,7 +515,7 @@ impl Topology {
         let partitions = self.partitions_of(target);
         for p in 0..partitions {
             let queue = self.names.partition(target, p);
-            let mut args = quorum_args();
+            let mut args = self.quorum_args();
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
             ch.queue_declare(queue.as_str().into(), durable, args)
                 .await
@@ -495,7 +538,7 @@ impl Topology {
         }
         for (i, delay) in self.retry_delays.iter().enumerate() {
             let name = self.names.retry(target, i + 1);
-            let mut args = quorum_args();
+            let mut args = self.quorum_args();
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(delay.as_millis() as i64),
@@ -517,7 +560,7 @@ impl Topology {
                 .map_err(|e| (format!("queue {name}"), e))?;
         }
         let dlq = self.names.dlq(target);
-        ch.queue_declare(dlq.as_str().into(), durable, quorum_args())
+        ch.queue_declare(dlq.as_str().into(), durable, self.quorum_args())
             .await
             .map_err(|e| (format!("queue {dlq}"), e))?;
         Ok(())
@@ -552,15 +595,6 @@ pub fn declared_names(config: &Config) -> (Vec<String>, Vec<String>) {
     }
     queues.extend(t.pull.iter().map(|target| t.names.inbox(target)));
     (exchanges, queues)
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args
 }
 
 /// The delivery queue partition a message belongs to (a string, as the bindings match it).
@@ -761,8 +795,11 @@ struct Publisher {
     channel: Channel,
 }
 
+/// How long moving a failed change to a retry step waits for a publishing connection.
+const PUBLISH_WAIT: Duration = Duration::from_secs(30);
+
 pub struct RabbitBroker {
-    url: String,
+    nodes: connect::Nodes,
     topology: Topology,
     publisher: Mutex<Option<Arc<Publisher>>>,
     blocked: Arc<AtomicBool>,
@@ -782,10 +819,14 @@ impl RabbitBroker {
         routes: &Routes,
         cancel: CancellationToken,
         tracker: &TaskTracker,
-        up_gauge: prometheus::IntGauge,
-    ) -> Arc<RabbitBroker> {
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Arc<RabbitBroker>, BrokerError> {
+        let broker_tls = config.broker.tls.as_ref();
+        let tls = Material::of(broker_tls, &config.base_dir, "broker.tls")
+            .map_err(|problems| BrokerError::Tls(problems.join("; ")))?;
+        let gauge = metrics.broker_endpoint.clone();
         let broker = Arc::new(RabbitBroker {
-            url: config.broker.url.clone(),
+            nodes: connect::Nodes::new(&config.broker.url.0, &tls, gauge),
             topology: Topology::from_config(config, routes),
             publisher: Mutex::new(None),
             blocked: Arc::new(AtomicBool::new(false)),
@@ -794,19 +835,17 @@ impl RabbitBroker {
             up: Arc::new(AtomicBool::new(false)),
             cancel,
         });
-        tracker.spawn(broker.clone().publishing_supervisor(up_gauge));
+        tracker.spawn(
+            broker
+                .clone()
+                .publishing_supervisor(metrics.broker_up.clone()),
+        );
         tracker.spawn(broker.clone().consuming_supervisor());
-        broker
+        Ok(broker)
     }
 
     pub fn names(&self) -> &Names {
         &self.topology.names
-    }
-
-    async fn connect(&self, role: &str) -> Result<Connection, lapin::Error> {
-        let props =
-            ConnectionProperties::default().with_connection_name(format!("lxbridge-{role}").into());
-        Connection::connect(&self.url, props).await
     }
 
     async fn open_publisher(&self, conn: &Arc<Connection>) -> Result<Publisher, BrokerError> {
@@ -826,10 +865,14 @@ impl RabbitBroker {
     async fn publishing_supervisor(self: Arc<Self>, up_gauge: prometheus::IntGauge) {
         let mut attempt = 0u32;
         while !self.cancel.is_cancelled() {
-            let conn = match self.connect("publish").await {
+            let conn = match self.nodes.connect(Role::Publish).await {
                 Ok(conn) => Arc::new(conn),
                 Err(e) => {
-                    warn!(error = %e, attempt, "cannot connect to RabbitMQ for publishing; retrying");
+                    if attempt == 0 {
+                        error!(error = %e, "cannot connect to RabbitMQ for publishing; retrying");
+                    } else {
+                        warn!(error = %e, attempt, "cannot connect to RabbitMQ for publishing; retrying");
+                    }
                     attempt += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff(attempt)) => continue,
@@ -848,6 +891,7 @@ impl RabbitBroker {
                 }
                 Err(e) => {
                     error!(error = %e, "cannot set up the broker topology; retrying");
+                    self.nodes.lost(Role::Publish);
                     let _ = conn.close(200, "setup failed".into()).await;
                     attempt += 1;
                     tokio::select! {
@@ -887,6 +931,7 @@ impl RabbitBroker {
             }
             self.up.store(false, Ordering::SeqCst);
             up_gauge.set(0);
+            self.nodes.lost(Role::Publish);
             *self.publisher.lock().expect("publisher lock") = None;
             if self.cancel.is_cancelled() {
                 let _ = conn.close(200, "lxbridge shutting down".into()).await;
@@ -928,6 +973,39 @@ impl RabbitBroker {
         headers: FieldTable,
     ) -> Result<(), BrokerError> {
         self.publish_confirmed("", queue, body, headers).await
+    }
+
+    /// [`Self::publish_to_queue`], waiting up to [`PUBLISH_WAIT`] for a publishing
+    /// connection that is being made again (a failed change is held meanwhile).
+    async fn publish_waiting(
+        &self,
+        queue: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_WAIT;
+        loop {
+            match self.publish_to_queue(queue, body, headers.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.cancel.is_cancelled() => return Err(e),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Returns a message to the front of its queue (best effort: a closed channel returns
+    /// it anyway).
+    async fn requeue(&self, message: Incoming) {
+        if let AckHandle::Rabbit { acker, .. } = message.handle {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            if let Err(e) = acker.nack(requeue).await {
+                warn!(error = %e, "could not return a message to its queue; it returns when its channel closes");
+            }
+        }
     }
 
     /// Publishes one change back into the target's delivery queues (its partition from the
@@ -1212,6 +1290,19 @@ impl Broker for RabbitBroker {
         self.up.load(Ordering::SeqCst) && !self.blocked.load(Ordering::SeqCst)
     }
 
+    fn inboxes_reachable(&self) -> bool {
+        self.consuming.linked()
+    }
+
+    fn endpoints(&self) -> Endpoints {
+        let mut on = self.nodes.endpoints();
+        Endpoints {
+            publish: on.remove(&Role::Publish),
+            consume: on.remove(&Role::Consume),
+            error: self.nodes.last_error(),
+        }
+    }
+
     fn consume(&self, target: &str, prefetch: u16) -> mpsc::Receiver<Incoming> {
         self.consuming.want(target, prefetch)
     }
@@ -1267,8 +1358,12 @@ impl Broker for RabbitBroker {
                     .names
                     .retry(f.target, message.attempt as usize)
             };
-            self.publish_to_queue(&queue, &message.body, headers)
-                .await?;
+            if let Err(e) = self.publish_waiting(&queue, &message.body, headers).await {
+                // Back to its queue now, to be tried again, rather than held unacked by a
+                // consumer that will not look at it again.
+                self.requeue(message).await;
+                return Err(e);
+            }
             self.ack(message).await?;
             Ok(dead)
         })

@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use deadpool_redis::redis;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{Read, Write};

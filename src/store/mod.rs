@@ -22,7 +22,9 @@
 //! Cluster; today one script call records up to 200 objects at once, so a single Redis (or
 //! Sentinel) is what this store supports.
 
-use deadpool_redis::redis;
+mod connect;
+
+use crate::config::Config;
 use futures_util::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -169,6 +171,10 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Steps the store's loss marker: true when the store forgot what it held since the
     /// last call (Redis restarted empty, or an older replica took over). Also a ping.
+    /// The server the store is on now (`host:port`), for `/readyz`; none in-process.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
     fn check_loss(&self) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Reserves `ids` (pending until [`Store::commit_ids`]) and `seqs_needed` sequence numbers.
     fn admit<'a>(
@@ -368,8 +374,11 @@ pub const PENDING_ID_TTL_SECS: u64 = 6;
 pub const PENDING_ID_RENEW: Duration = Duration::from_secs(2);
 
 pub struct RedisStore {
-    pool: deadpool_redis::Pool,
+    endpoint: connect::Endpoint,
     shared: std::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Held while a connection is being made, so callers wait for one instead of each
+    /// making their own.
+    connecting: tokio::sync::Mutex<()>,
     prefix: String,
     dedupe_window: Duration,
     retention: Duration,
@@ -401,35 +410,21 @@ struct StatusJson<'a> {
 }
 
 impl RedisStore {
+    /// The store of `config` (`[store]`, keys under `broker.prefix`); connects on first use.
+    /// `endpoint_gauge` (`lx_store_endpoint`) shows the server it is on.
     pub fn new(
-        redis_url: &str,
-        prefix: &str,
-        dedupe_window: Duration,
-        retention: Duration,
-        history_max: usize,
+        config: &Config,
+        endpoint_gauge: prometheus::IntGaugeVec,
     ) -> Result<RedisStore, StoreError> {
-        let mut cfg = deadpool_redis::Config::from_url(redis_url);
-        cfg.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(Duration::from_secs(2)),
-                create: Some(Duration::from_secs(2)),
-                recycle: Some(Duration::from_secs(2)),
-            },
-            ..Default::default()
-        });
-        let pool = cfg
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| {
-                StoreError::Unavailable(format!("bad store.redis_url {redis_url:?}: {e}"))
-            })?;
+        let endpoint = connect::Endpoint::new(&config.store, &config.base_dir, endpoint_gauge)?;
         Ok(RedisStore {
-            pool,
+            endpoint,
             shared: std::sync::Mutex::new(None),
-            prefix: prefix.to_string(),
-            dedupe_window,
-            retention,
-            history_max,
+            connecting: tokio::sync::Mutex::new(()),
+            prefix: config.broker.prefix.clone(),
+            dedupe_window: config.server.dedupe_window.0,
+            retention: config.store.retention.0,
+            history_max: config.store.history_max,
             record_script: redis::Script::new(RECORD_LUA),
             group_cas_script: redis::Script::new(GROUP_CAS_LUA),
             counter_script: redis::Script::new(COUNTER_LUA),
@@ -438,14 +433,36 @@ impl RedisStore {
         })
     }
 
-    /// A multiplexed connection shared by all callers: taken from the pool once and kept
-    /// until a command on it fails (a pool checkout costs a PING round trip each time).
+    /// Connects and PINGs once (through the sentinels, if any): what is wrong, if anything
+    /// (`lxbridge validate --connect`).
+    pub async fn probe(config: &Config) -> Option<String> {
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("lx_store_endpoint", "probe"),
+            &["endpoint", "via"],
+        )
+        .expect("a valid gauge");
+        let store = match RedisStore::new(config, gauge) {
+            Ok(store) => store,
+            Err(e) => return Some(e.to_string()),
+        };
+        store.ping().await.err().map(|e| format!("store: {e}"))
+    }
+
+    fn cached(&self) -> Option<MultiplexedConnection> {
+        self.shared.lock().expect("store connection lock").clone()
+    }
+
+    /// A multiplexed connection shared by all callers: made once and kept until a command
+    /// on it fails; then the next call connects afresh (through the sentinels, if any).
     async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(conn) = self.shared.lock().expect("store connection lock").clone() {
+        if let Some(conn) = self.cached() {
             return Ok(conn);
         }
-        let pooled = self.pool.get().await.map_err(unavailable)?;
-        let conn: MultiplexedConnection = (*pooled).clone();
+        let _connecting = self.connecting.lock().await;
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let conn = self.endpoint.connect().await?;
         *self.shared.lock().expect("store connection lock") = Some(conn.clone());
         Ok(conn)
     }
@@ -515,6 +532,10 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    fn endpoint(&self) -> Option<String> {
+        self.endpoint.endpoint()
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         self.timed(async move {
             let mut conn = self.conn().await?;
