@@ -499,8 +499,10 @@ async fn store_cut_mid_load_gives_503_and_loses_nothing_accepted() {
 /// step, the DLQ and a replay bring it back into that partition, delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_target_keeps_each_change_in_its_partition_through_retry_and_replay() {
+    // Printed only when the test fails: what the consumers did.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("lxbridge=debug")
+        .with_test_writer()
         .try_init();
     let target = Target::start().await;
     let template = config(&target.url()).replace(
