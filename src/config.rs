@@ -930,6 +930,83 @@ mod tests {
         assert!(config.push_targets().count() >= 1);
     }
 
+    fn with_connections(broker: &str, store: &str) -> Vec<String> {
+        let text = format!(
+            "[broker]\n{broker}\n[store]\n{store}\n[[node]]\nname = \"a\"\ntoken = \"t\"\n"
+        );
+        Config::parse(&text, "t").expect("parses").validate()
+    }
+
+    #[test]
+    fn broker_url_is_one_url_or_a_list_of_one_scheme() {
+        let list = r#"url = ["amqp://h1:5672/%2f", "amqp://h2:5672/%2f"]"#;
+        assert_eq!(with_connections(list, ""), Vec::<String>::new());
+        let config = Config::parse(&format!("[broker]\n{list}\n"), "t").unwrap();
+        assert_eq!(config.broker.url.0.len(), 2);
+        let mixed = with_connections(r#"url = ["amqp://h1/%2f", "amqps://h2/%2f"]"#, "");
+        assert!(
+            mixed
+                .iter()
+                .any(|p| p.contains("mixes amqp:// and amqps://")),
+            "{mixed:?}"
+        );
+        let empty = with_connections("url = []", "");
+        assert!(
+            empty.iter().any(|p| p.contains("lists no URL")),
+            "{empty:?}"
+        );
+        let http = with_connections(r#"url = "http://h1/""#, "");
+        assert!(
+            http.iter()
+                .any(|p| p.contains("must start with amqp:// or amqps://")),
+            "{http:?}"
+        );
+        let number = Config::parse("[broker]\nurl = 5\n", "t").unwrap_err();
+        assert!(
+            number.to_string().contains("a URL or a list of URLs"),
+            "{number}"
+        );
+    }
+
+    #[test]
+    fn tls_without_a_tls_url_and_sentinels_without_a_name_are_refused() {
+        let plain = with_connections(
+            "url = \"amqp://h/%2f\"\ntls = { ca_file = \"/nonexistent/ca.pem\" }",
+            "",
+        );
+        assert!(
+            plain
+                .iter()
+                .any(|p| p.contains("would connect in plain text")),
+            "{plain:?}"
+        );
+        assert!(
+            plain
+                .iter()
+                .any(|p| p.contains("broker.tls.ca_file /nonexistent/ca.pem")),
+            "{plain:?}"
+        );
+        let sentinel = with_connections("", r#"sentinels = ["redis://s1:26379"]"#);
+        assert!(
+            sentinel
+                .iter()
+                .any(|p| p.contains("needs store.master_name")),
+            "{sentinel:?}"
+        );
+        let name = with_connections("", r#"master_name = "m""#);
+        assert!(
+            name.iter().any(|p| p.contains("store.sentinels is empty")),
+            "{name:?}"
+        );
+        let rediss = with_connections("", r#"redis_url = "rediss://r:6380/0""#);
+        assert_eq!(rediss, Vec::<String>::new());
+        let zero = with_connections("quorum_replicas = 0", "");
+        assert!(
+            zero.iter().any(|p| p.contains("quorum_replicas")),
+            "{zero:?}"
+        );
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         let err =

@@ -490,6 +490,18 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         .collect();
     if !outgoing.is_empty() {
         match app.broker.publish(node, &outgoing).await {
+            // A queue without its leader (a cluster electing one) refuses everything: that
+            // is the broker being unavailable, and nothing was accepted.
+            Ok(outcomes) if outcomes.iter().all(|o| *o == PublishOutcome::Refused) => {
+                warn!(%node, "the broker refused every change of a request");
+                if let Err(e) = app.store.release_ids(node, &reserved).await {
+                    warn!(%node, error = %e, "could not release idempotency keys; they expire by themselves");
+                }
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the broker (RabbitMQ) refused to store the changes (a queue without a leader?); nothing was accepted, retry later",
+                );
+            }
             Ok(outcomes) => {
                 for (outcome, &i) in outcomes.iter().zip(&outgoing_owner) {
                     let fate = std::mem::replace(&mut fates[i], Fate::Duplicate);

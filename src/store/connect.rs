@@ -86,18 +86,18 @@ impl Endpoint {
             Find::Direct(info) => (info.clone(), "direct"),
             Find::Sentinel { .. } => (self.ask_sentinels().await?, "sentinel"),
         };
-        let at = addr(&info);
+        let (at, url) = (addr(&info), url_of(&info));
         let mut conn = open(info, &self.tls)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("{at}: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
         if via == "sentinel" {
             let role: Vec<redis::Value> = redis::cmd("ROLE")
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| StoreError::Unavailable(format!("{at}: ROLE: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("{url}: ROLE: {e}")))?;
             if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
                 return Err(StoreError::Unavailable(format!(
-                    "{at}, named master by the sentinels, is not a master (yet); asking again"
+                    "{url}, named master by the sentinels, is not a master (yet); asking again"
                 )));
             }
         }
@@ -135,8 +135,8 @@ impl Endpoint {
         for sentinel in sentinels {
             match master_of(sentinel, name, &self.tls).await {
                 Ok(Some((host, port))) => return Ok(with_addr(template, host, port)),
-                Ok(None) => failures.push(format!("{}: does not know {name:?}", addr(sentinel))),
-                Err(e) => failures.push(format!("{}: {e}", addr(sentinel))),
+                Ok(None) => failures.push(format!("{}: does not know {name:?}", url_of(sentinel))),
+                Err(e) => failures.push(format!("{}: {e}", url_of(sentinel))),
             }
         }
         warn!(failures = %failures.join("; "), "no sentinel named the Redis master");
@@ -184,6 +184,15 @@ fn addr(info: &ConnectionInfo) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// `redis://host:port` (or `rediss://`), without credentials: how errors name a server.
+fn url_of(info: &ConnectionInfo) -> String {
+    let scheme = match info.addr {
+        ConnectionAddr::TcpTls { .. } => "rediss",
+        _ => "redis",
+    };
+    format!("{scheme}://{}", addr(info))
 }
 
 /// One multiplexed connection, TLS with the configured material for `rediss://`.
