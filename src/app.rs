@@ -132,10 +132,11 @@ async fn json_errors(response: Response) -> Response {
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     let broker = app.broker.ready() && app.broker.inboxes_reachable();
-    let store = matches!(
-        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
-        Ok(Ok(()))
-    );
+    let ping = match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 2 s".to_string()),
+    };
+    let store = ping.is_ok();
     app.metrics.store_up.set(i64::from(store));
     let status = if broker && store {
         StatusCode::OK
@@ -149,6 +150,9 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
     if let Some(endpoint) = app.store.endpoint() {
         body["store_endpoint"] = endpoint.into();
+    }
+    if let Err(why) = ping {
+        body["store_error"] = why.into();
     }
     (status, Json(body)).into_response()
 }

@@ -429,12 +429,24 @@ async fn rabbitmq_cluster_node_loss_loses_nothing_and_keeps_order() {
         "after the connections' node died",
     )
     .await;
-    for base in &bases {
+    for (i, base) in bases.iter().enumerate() {
         let (status, ready) = readyz(&http, base).await;
         assert_eq!(status, 200, "{base}: {ready}");
         for role in ["publish", "consume"] {
             let now = ready["broker_endpoints"][role].as_str().unwrap_or_default();
             assert_ne!(now, on, "{base} {role} moved off the dead node: {ready}");
+        }
+        let metrics = fleet.metrics(i).await;
+        let shown: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("lx_broker_endpoint{"))
+            .collect();
+        assert_eq!(shown.len(), 2, "one node per connection: {shown:?}");
+        for line in shown {
+            assert!(
+                !line.contains(&on) && line.ends_with(" 1"),
+                "the dashboard sees the move: {line}"
+            );
         }
     }
     rabbit = on_cluster(rabbit, move |r| r.restart(victim)).await.0;
@@ -620,6 +632,11 @@ async fn tls_with_a_private_ca_works_and_a_wrong_ca_is_named() {
         "{error}"
     );
     assert_eq!(ready["store"], false, "{ready}");
+    let error = ready["store_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&rediss_shown) && error.contains("certificate"),
+        "{ready}"
+    );
     drop(rabbit);
     drop(redis);
 }

@@ -64,6 +64,11 @@ fn accepted_ids(answer: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_cut_gives_503_with_retry_after_then_recovers_without_loss() {
+    // Printed only when the test fails: what the connections and consumers did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("lxbridge=debug")
+        .with_test_writer()
+        .try_init();
     let target = Target::start().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let bridge = Bridge::start_with(
@@ -169,7 +174,38 @@ async fn broker_unreachable_at_start_is_503_until_it_appears() {
     let ready = bridge.http.get(bridge.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
     let body: Value = ready.json_value().await;
-    assert_eq!(body, json!({"broker": false, "store": true}));
+    assert_eq!(
+        (&body["broker"], &body["store"]),
+        (&json!(false), &json!(true)),
+        "{body}"
+    );
+    // And why, naming the node it cannot reach (password hidden), once an attempt failed.
+    let port = proxy
+        .amqp_url()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let shown = format!("amqp://guest:***@127.0.0.1:{port}/");
+    let started = Instant::now();
+    loop {
+        let ready = bridge.http.get(bridge.url("/readyz")).send().await.unwrap();
+        let body: Value = ready.json_value().await;
+        let error = body["broker_endpoints"]["error"]
+            .as_str()
+            .unwrap_or_default();
+        if error.starts_with(&shown) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no error naming {shown} in {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, body) = bridge
         .post_json("central", "central-secret", &batch("late", 0, 3))
         .await;
