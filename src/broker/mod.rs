@@ -798,6 +798,12 @@ struct Publisher {
 /// How long moving a failed change to a retry step waits for a publishing connection.
 const PUBLISH_WAIT: Duration = Duration::from_secs(30);
 
+/// How long an ack or a nack may take to be written.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a node may refuse every publish before the publishing connection moves on.
+const REFUSING_FOR: Duration = Duration::from_secs(5);
+
 pub struct RabbitBroker {
     nodes: connect::Nodes,
     topology: Topology,
@@ -805,6 +811,10 @@ pub struct RabbitBroker {
     blocked: Arc<AtomicBool>,
     /// Asks the publishing supervisor to reconnect now (a publish saw the channel die).
     reconnect: tokio::sync::Notify,
+    /// With `reconnect`: leave this node even though the connection is up.
+    move_on: AtomicBool,
+    /// Since when (ms) every publish was refused; 0 while they are not.
+    refused_since: std::sync::atomic::AtomicI64,
     /// The consuming side: what to consume, the instances, the inboxes served here.
     consuming: consume::Consuming,
     up: Arc<AtomicBool>,
@@ -831,6 +841,8 @@ impl RabbitBroker {
             publisher: Mutex::new(None),
             blocked: Arc::new(AtomicBool::new(false)),
             reconnect: tokio::sync::Notify::new(),
+            move_on: AtomicBool::new(false),
+            refused_since: std::sync::atomic::AtomicI64::new(0),
             consuming: consume::Consuming::new(),
             up: Arc::new(AtomicBool::new(false)),
             cancel,
@@ -906,7 +918,7 @@ impl RabbitBroker {
                 tokio::select! {
                     _ = self.cancel.cancelled() => break,
                     _ = self.reconnect.notified() => {
-                        if !conn.status().connected() { break }
+                        if !conn.status().connected() || self.move_on.swap(false, Ordering::SeqCst) { break }
                     }
                     _ = tick.tick() => {
                         if !conn.status().connected() { break }
@@ -965,6 +977,33 @@ impl RabbitBroker {
         BrokerError::Unavailable(e.to_string())
     }
 
+    /// Watches the broker's answers: a node that has refused every publish for
+    /// [`REFUSING_FOR`] (quorum queues it cannot reach the leaders of) is left for the next.
+    fn note_refusals(&self, outcomes: &[PublishOutcome]) {
+        if outcomes.iter().any(|o| *o != PublishOutcome::Refused) {
+            self.refused_since.store(0, Ordering::SeqCst);
+            return;
+        }
+        let now = crate::store::unix_ms_now();
+        let since =
+            match self
+                .refused_since
+                .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => now,
+                Err(since) => since,
+            };
+        if now - since >= REFUSING_FOR.as_millis() as i64 {
+            warn!(
+                seconds = REFUSING_FOR.as_secs(),
+                "this RabbitMQ node refused every publish; connecting to the next"
+            );
+            self.refused_since.store(0, Ordering::SeqCst);
+            self.move_on.store(true, Ordering::SeqCst);
+            self.reconnect.notify_one();
+        }
+    }
+
     /// Publishes one message to a queue through the default exchange and waits for the confirm.
     async fn publish_to_queue(
         &self,
@@ -1002,7 +1041,8 @@ impl RabbitBroker {
                 requeue: true,
                 multiple: false,
             };
-            if let Err(e) = acker.nack(requeue).await {
+            let nacked = tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(requeue)).await;
+            if let Ok(Err(e)) = nacked {
                 warn!(error = %e, "could not return a message to its queue; it returns when its channel closes");
             }
         }
@@ -1282,6 +1322,7 @@ impl Broker for RabbitBroker {
                 };
                 outcomes.push(outcome);
             }
+            self.note_refusals(&outcomes);
             Ok(outcomes)
         })
     }
@@ -1310,11 +1351,24 @@ impl Broker for RabbitBroker {
     fn ack(&self, message: Incoming) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             match message.handle {
-                AckHandle::Rabbit { acker, .. } => acker
-                    .ack(BasicAckOptions::default())
+                // Bounded: an ack on a connection that died unnoticed must not hold its
+                // lane (the broker gives the change out again when the channel closes).
+                AckHandle::Rabbit { acker, .. } => {
+                    match tokio::time::timeout(
+                        SETTLE_TIMEOUT,
+                        acker.ack(BasicAckOptions::default()),
+                    )
                     .await
-                    .map(|_| ())
-                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                    {
+                        Ok(result) => result
+                            .map(|_| ())
+                            .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                        Err(_) => Err(BrokerError::Unavailable(format!(
+                            "the ack was not sent within {} s",
+                            SETTLE_TIMEOUT.as_secs()
+                        ))),
+                    }
+                }
                 AckHandle::Embedded { .. } => Err(BrokerError::Unavailable(
                     "a message of the embedded backend cannot be settled with RabbitMQ".into(),
                 )),

@@ -409,7 +409,7 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            let tail = log_tail(&inst.log_path, 30);
+            let tail = log_tail(&inst.log_path, 60);
             if std::thread::panicking() && !tail.is_empty() {
                 eprintln!(
                     "--- {} instance {i} log ({}):\n{}",
