@@ -980,8 +980,10 @@ impl RabbitBroker {
     /// Watches the broker's answers: a node that has refused every publish for
     /// [`REFUSING_FOR`] (quorum queues it cannot reach the leaders of) is left for the next.
     fn note_refusals(&self, outcomes: &[PublishOutcome]) {
-        if outcomes.iter().any(|o| *o != PublishOutcome::Refused) {
-            self.refused_since.store(0, Ordering::SeqCst);
+        if outcomes.iter().any(|o| *o != PublishOutcome::Refused) || outcomes.is_empty() {
+            if self.refused_since.load(Ordering::Relaxed) != 0 {
+                self.refused_since.store(0, Ordering::SeqCst);
+            }
             return;
         }
         let now = crate::store::unix_ms_now();
