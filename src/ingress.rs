@@ -6,7 +6,7 @@
 //! Invariant: 202 (or 207) is never sent before the broker confirmed every change it
 //! reports as accepted.
 
-use crate::broker::{Held, HeldIn, Outgoing, PublishOutcome};
+use crate::broker::{BrokerError, Held, HeldIn, Outgoing, PublishOutcome};
 use crate::deliver::pull;
 use crate::group::{self, Admit, Candidate};
 use crate::model::{parse_change, Change, Envelope, Op};
@@ -489,19 +489,22 @@ async fn accept(app: &AppState, node: &str, items: Vec<Result<Change, String>>) 
         })
         .collect();
     if !outgoing.is_empty() {
-        match app.broker.publish(node, &outgoing).await {
-            // A queue without its leader (a cluster electing one) refuses everything: that
-            // is the broker being unavailable, and nothing was accepted.
-            Ok(outcomes) if outcomes.iter().all(|o| *o == PublishOutcome::Refused) => {
-                warn!(%node, "the broker refused every change of a request");
-                if let Err(e) = app.store.release_ids(node, &reserved).await {
-                    warn!(%node, error = %e, "could not release idempotency keys; they expire by themselves");
+        // A queue without its leader (a cluster electing one) refuses everything: that is
+        // the broker being unavailable, and nothing was accepted.
+        let published = app
+            .broker
+            .publish(node, &outgoing)
+            .await
+            .and_then(|outcomes| {
+                if outcomes.iter().all(|o| *o == PublishOutcome::Refused) {
+                    Err(BrokerError::Unavailable(
+                        "it refused to store every change (a queue without a leader?)".into(),
+                    ))
+                } else {
+                    Ok(outcomes)
                 }
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the broker (RabbitMQ) refused to store the changes (a queue without a leader?); nothing was accepted, retry later",
-                );
-            }
+            });
+        match published {
             Ok(outcomes) => {
                 for (outcome, &i) in outcomes.iter().zip(&outgoing_owner) {
                     let fate = std::mem::replace(&mut fates[i], Fate::Duplicate);

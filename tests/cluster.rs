@@ -287,15 +287,7 @@ async fn post_all(
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(Value::Null);
-        let taken: HashSet<String> = body["results"]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .filter(|x| x["status"] == "accepted" || x["status"] == "duplicate")
-                    .filter_map(|x| x["id"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let taken = taken_ids(&body);
         let why = body["error"].as_str().map(str::to_string).or_else(|| {
             body["results"].as_array().and_then(|r| {
                 r.iter()
