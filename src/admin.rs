@@ -1,8 +1,9 @@
 //! Operating lxbridge: the admin API (bearer admin token) and the CLI subcommands that call
 //! it over HTTP. Reads through the store; never bypasses `broker` or `store`.
 
-use crate::ingress::{error_response, same_secret};
-use crate::store::{rfc3339_now, HistoryEvent, Record, State as ObjState, StatusUpdate};
+use crate::clock::rfc3339_now;
+use crate::http::{error_response, same_secret};
+use crate::store::{HistoryEvent, Record, State as ObjState, StatusUpdate};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -56,76 +57,6 @@ pub async fn get_object(
             format!("object {reference:?} was never seen (or its status expired)"),
         ),
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
-
-/// The CLI side: calls the admin API of the lxbridge configured in `config`.
-pub mod cli {
-    use crate::config::Config;
-
-    #[derive(Debug, thiserror::Error)]
-    pub enum CliError {
-        #[error("the config has no [admin] token, so the admin API can't be called")]
-        NoToken,
-        #[error(
-            "cannot reach lxbridge at {url}: {error} (is `lxbridge run` running with this config?)"
-        )]
-        Unreachable { url: String, error: String },
-        #[error("lxbridge answered HTTP {status}: {body}")]
-        Status { status: u16, body: String },
-    }
-
-    fn base_url(config: &Config) -> String {
-        let listen = config.server.listen.replace("0.0.0.0", "127.0.0.1");
-        format!("http://{listen}")
-    }
-
-    /// Percent-encodes a path segment (refs may hold `/`, `;`, `=` and Cyrillic).
-    pub fn encode_segment(s: &str) -> String {
-        let mut out = String::with_capacity(s.len());
-        for b in s.bytes() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                out.push(b as char);
-            } else {
-                out.push_str(&format!("%{b:02X}"));
-            }
-        }
-        out
-    }
-
-    /// Sends a request to the admin API and returns the pretty-printed JSON answer.
-    pub async fn call(
-        config: &Config,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<String, CliError> {
-        let token = config.admin.token.as_deref().ok_or(CliError::NoToken)?;
-        let url = format!("{}{path}", base_url(config));
-        let mut request = reqwest::Client::new()
-            .request(method, &url)
-            .bearer_auth(token);
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string());
-        }
-        let response = request.send().await.map_err(|e| CliError::Unreachable {
-            url: url.clone(),
-            error: e.to_string(),
-        })?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(CliError::Status {
-                status: status.as_u16(),
-                body: text,
-            });
-        }
-        Ok(match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or(text),
-            Err(_) => text,
-        })
     }
 }
 
@@ -361,92 +292,6 @@ pub async fn get_remap(
     }
 }
 
-/// `lxbridge transform`: what each target of a route would receive for a change, offline.
-pub mod preview {
-    use crate::config::{Config, Format, MissingRefs};
-    use crate::transform::{self, Outcome, Remap};
-    use serde_json::{json, Value};
-
-    /// One JSON line per target of the route: the change as delivered, or why it would be
-    /// filtered or fail, with the references it carries (and, with `missing_refs = "wait"`,
-    /// that it waits for them unless they were delivered before).
-    pub fn run(config: &Config, route_name: &str, input: &str) -> Result<Vec<String>, String> {
-        let route = config
-            .routes
-            .iter()
-            .find(|r| r.name.as_deref() == Some(route_name))
-            .ok_or_else(|| {
-                let names: Vec<&str> = config
-                    .routes
-                    .iter()
-                    .filter_map(|r| r.name.as_deref())
-                    .collect();
-                format!(
-                    "no route named {route_name:?} (named routes: {})",
-                    names.join(", ")
-                )
-            })?;
-        let value: Value =
-            serde_json::from_str(input).map_err(|e| format!("the input is not JSON: {e}"))?;
-        let parsed = crate::model::parse_change(value)
-            .map_err(|e| format!("the input is not a change: {e}"))?;
-        if !route
-            .types
-            .iter()
-            .any(|p| crate::route::topic_matches(&crate::route::topic_pattern(p), &parsed.kind))
-        {
-            return Ok(vec![json!({"outcome": "not routed", "reason": format!(
-                "route {route_name:?} does not take type {:?} (types: {})", parsed.kind, route.types.join(", "))})
-            .to_string()]);
-        }
-        let mapping = config.compiled_mapping(route).map_err(|p| p.join("; "))?;
-        let change = transform::Change {
-            id: parsed.id.clone().unwrap_or_else(|| "preview".into()),
-            kind: parsed.kind,
-            reference: parsed.reference,
-            op: parsed.op,
-            data: parsed.data,
-            source: route.from.clone(),
-            seq: parsed.seq.unwrap_or(1),
-        };
-        let references: Vec<Value> = mapping
-            .references(&change)
-            .into_iter()
-            .map(|r| json!({"type": r.kind, "ref": r.reference}))
-            .collect();
-        let mut lines = Vec::new();
-        for target in &route.to {
-            let deliver = config.node(target).and_then(|n| n.deliver.as_ref());
-            let format = deliver.map(|d| d.format).unwrap_or_default();
-            let wait = deliver.is_some_and(|d| d.missing_refs == MissingRefs::Wait);
-            let mut line = match mapping.apply(change.clone(), &Remap::new()) {
-                Outcome::Deliver(c) => {
-                    let data = match format {
-                        Format::Lxbridge => c.data.clone(),
-                        Format::Xdto => Some(transform::to_xdto(&c)),
-                    };
-                    json!({"target": target, "outcome": "deliver", "change": {
-                        "id": c.id, "type": c.kind, "ref": c.reference, "op": c.op,
-                        "data": data, "source": c.source, "seq": c.seq, "attempt": 1}})
-                }
-                Outcome::Filtered(reason) => {
-                    json!({"target": target, "outcome": "filtered", "reason": reason})
-                }
-                Outcome::Failed(error) => {
-                    json!({"target": target, "outcome": "failed", "reason": error})
-                }
-            };
-            line["references"] = Value::Array(references.clone());
-            if wait && !references.is_empty() {
-                line["waits_for"] =
-                    json!("each reference above, unless it was delivered to this target before");
-            }
-            lines.push(line.to_string());
-        }
-        Ok(lines)
-    }
-}
-
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResyncRequest {
@@ -454,8 +299,7 @@ struct ResyncRequest {
     from: Option<String>,
 }
 
-/// The type of the change that asks a group member for its snapshot.
-pub const RESYNC_TYPE: &str = "lxbridge.Resync";
+pub use crate::copies::RESYNC_TYPE;
 
 /// `POST /api/v1/groups/{group}/resync` `{"node": "N", "from": "S"}` (extension): asks member
 /// `S` (default: the first other member in `nodes`) to send its snapshot, every object of
@@ -513,51 +357,10 @@ pub async fn resync_group(
             }
         },
     };
-    let now = crate::store::unix_ms_now();
-    let requested_at = crate::store::rfc3339_ms(now);
-    let id = format!("resync-{group}-{}-{now}", request.node);
-    let reference = format!("{group}/{}", request.node);
-    let data = json!({"group": group, "node": request.node, "requested_at": requested_at});
-    let envelope = crate::model::Envelope {
-        id: &id,
-        kind: RESYNC_TYPE,
-        reference: &reference,
-        op: crate::model::Op::Upsert,
-        data: Some(&data),
-        source: &request.node,
-        seq: now,
-        ts: Some(&requested_at),
-        accepted_ms: now,
-        initial: false,
+    let (id, reference) = match crate::copies::resync(&app, &group, &request.node, &from).await {
+        Ok(answer) => answer,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let held = crate::broker::Held {
-        queue: crate::broker::HeldIn::Deliver,
-        attempt: 1,
-        first_failed_ms: None,
-        alone: false,
-        error: None,
-        body: serde_json::to_vec(&envelope).expect("envelope serialises"),
-    };
-    if let Err(e) = app.broker.import(&from, vec![held]).await {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-    }
-    let record = Record {
-        reference: reference.clone(),
-        statuses: Vec::new(),
-        event: Some(HistoryEvent {
-            at: requested_at,
-            target: from.clone(),
-            event: "resync".into(),
-            detail: format!(
-                "{from} asked for its snapshot of group {group} for {}",
-                request.node
-            ),
-        }),
-        mark: None,
-    };
-    if let Err(e) = app.store.record(vec![record]).await {
-        tracing::warn!(error = %e, "could not record the resync request");
-    }
     (
         StatusCode::ACCEPTED,
         Json(

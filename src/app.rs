@@ -7,14 +7,13 @@
 //! 2. close the broker connections (unacked prefetched messages go back to their queues).
 
 use crate::broker::{Broker, RabbitBroker};
-use crate::config::{Backend, Config, DeliverConfig, DeliverMode, Format, MissingRefs};
+use crate::config::{Backend, Config, DeliverConfig, DeliverMode};
 use crate::deliver::pull::Inbox;
-use crate::deliver::{announce, Core, PushTarget, RouteShape, Shaping};
+use crate::deliver::{announce, Core, PushTarget, Shaping};
 use crate::embedded::{Db, EmbeddedBroker, EmbeddedStore};
 use crate::metrics::Metrics;
 use crate::route::Routes;
 use crate::store::{RedisStore, Store};
-use crate::transform::Compiled;
 use crate::{admin, ingress, AppState};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -96,9 +95,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ingress::error_response(StatusCode::NOT_FOUND, "no such endpoint") })
+        .fallback(|| async {
+            crate::http::error_response(StatusCode::NOT_FOUND, "no such endpoint")
+        })
         .method_not_allowed_fallback(|| async {
-            ingress::error_response(
+            crate::http::error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "this endpoint does not take that method",
             )
@@ -127,7 +128,7 @@ async fn json_errors(response: Response) -> Response {
     } else {
         text
     };
-    ingress::error_response(status, text)
+    crate::http::error_response(status, text)
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
@@ -201,51 +202,137 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
     let config = Arc::new(config);
     let routes = Arc::new(Routes::from_config(&config));
     let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let broker_stop = CancellationToken::new();
-    let broker_tasks = TaskTracker::new();
-    let delivery_tasks = TaskTracker::new();
+    let tasks = Tasks::new();
+    let backend = open_backend(&config, &routes, &metrics, &tasks)?;
+    let inboxes = start_deliveries(&config, &routes, &backend, &metrics, &tasks)?;
+    let node_metrics = config
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), metrics.node(&n.name)))
+        .collect();
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        routes,
+        broker: backend.broker,
+        store: backend.store,
+        metrics,
+        node_metrics,
+        dlq_lock: tokio::sync::Mutex::new(()),
+        inboxes,
+        shutdown: tasks.shutdown.clone(),
+    });
+    spawn_queue_depths(&state, tasks.shutdown.clone(), &tasks.broker);
+    let shutdown = tasks.shutdown.clone();
+    let done = tokio::spawn(serve(listener, state.clone(), tasks, backend.db));
+    log_listening(&config, addr);
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        done,
+    })
+}
 
-    let (broker, store, db): (Arc<dyn Broker>, Arc<dyn Store>, _) = match config.backend {
-        Backend::Rabbit => {
-            let store = Arc::new(RedisStore::new(&config, metrics.store_endpoint.clone())?);
-            let rabbit = RabbitBroker::start(
-                &config,
-                &routes,
-                broker_stop.clone(),
-                &broker_tasks,
-                &metrics,
-            )?;
-            (rabbit, store, None)
-        }
-        Backend::Embedded => {
-            let db = Db::open(&config.data_dir())?;
-            let store = Arc::new(EmbeddedStore::new(
-                db.clone(),
-                config.server.dedupe_window.0,
-                config.store.retention.0,
-                config.store.history_max,
-            ));
-            spawn_expiry(store.clone(), broker_stop.clone(), &broker_tasks);
-            let broker = EmbeddedBroker::start(
-                db.clone(),
-                &config,
-                routes.clone(),
-                broker_stop.clone(),
-                &broker_tasks,
-            );
-            metrics.broker_up.set(1);
-            (broker, store, Some(db))
-        }
-    };
+/// What a started lxbridge stops, in this order (see the module doc).
+struct Tasks {
+    /// Stops the HTTP server, the deliveries and the poller.
+    shutdown: CancellationToken,
+    /// The delivery dispatchers, lanes and inboxes.
+    deliveries: TaskTracker,
+    /// Stops the broker supervisors (and the embedded expiry), once deliveries ended.
+    broker_stop: CancellationToken,
+    /// The broker supervisors, the poller and the embedded expiry.
+    broker: TaskTracker,
+}
 
+impl Tasks {
+    fn new() -> Tasks {
+        Tasks {
+            shutdown: CancellationToken::new(),
+            deliveries: TaskTracker::new(),
+            broker_stop: CancellationToken::new(),
+            broker: TaskTracker::new(),
+        }
+    }
+}
+
+/// What carries the changes: the broker and the store, and the embedded database to close
+/// last (none for RabbitMQ + Redis).
+struct BackendHandles {
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    db: Option<Arc<Db>>,
+}
+
+/// Connects to RabbitMQ and Redis (in the background), or opens the embedded database.
+fn open_backend(
+    config: &Arc<Config>,
+    routes: &Arc<Routes>,
+    metrics: &Metrics,
+    tasks: &Tasks,
+) -> Result<BackendHandles, AppError> {
+    match config.backend {
+        Backend::Rabbit => Ok(BackendHandles {
+            store: Arc::new(RedisStore::new(config, metrics.store_endpoint.clone())?),
+            broker: RabbitBroker::start(
+                config,
+                routes,
+                tasks.broker_stop.clone(),
+                &tasks.broker,
+                metrics,
+            )?,
+            db: None,
+        }),
+        Backend::Embedded => open_embedded(config, routes, metrics, tasks),
+    }
+}
+
+/// The embedded database, its store (with the expiry task) and its broker.
+fn open_embedded(
+    config: &Arc<Config>,
+    routes: &Arc<Routes>,
+    metrics: &Metrics,
+    tasks: &Tasks,
+) -> Result<BackendHandles, AppError> {
+    let db = Db::open(&config.data_dir())?;
+    let store = Arc::new(EmbeddedStore::new(
+        db.clone(),
+        config.server.dedupe_window.0,
+        config.store.retention.0,
+        config.store.history_max,
+    ));
+    spawn_expiry(store.clone(), tasks.broker_stop.clone(), &tasks.broker);
+    let broker = EmbeddedBroker::start(
+        db.clone(),
+        config,
+        routes.clone(),
+        tasks.broker_stop.clone(),
+        &tasks.broker,
+    );
+    metrics.broker_up.set(1);
+    Ok(BackendHandles {
+        broker,
+        store,
+        db: Some(db),
+    })
+}
+
+/// Starts every target's delivery: an inbox per pull target, a dispatcher per push target.
+/// Returns the inboxes, which the ingress asks.
+fn start_deliveries(
+    config: &Config,
+    routes: &Routes,
+    backend: &BackendHandles,
+    metrics: &Metrics,
+    tasks: &Tasks,
+) -> Result<HashMap<String, Arc<Inbox>>, AppError> {
     let core = |name: &str, deliver: &DeliverConfig| -> Result<Core, AppError> {
         Ok(Core {
             name: name.to_string(),
-            broker: broker.clone(),
-            store: store.clone(),
+            broker: backend.broker.clone(),
+            store: backend.store.clone(),
             metrics: metrics.target(name),
-            shaping: shaping(&config, name, deliver)?,
+            shaping: shaping(config, name, deliver)?,
             group: routes.group_of(name).cloned(),
             seen: Default::default(),
         })
@@ -264,58 +351,46 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
             deliver.batch_max,
             deliver.lease.0,
         );
-        inbox.start(shutdown.clone(), &delivery_tasks);
+        inbox.start(tasks.shutdown.clone(), &tasks.deliveries);
         inboxes.insert(node.name.clone(), inbox);
     }
     for (node, deliver) in config.push_targets() {
         let target = PushTarget::new(deliver, core(&node.name, deliver)?)?;
         announce(&target);
-        target.start(shutdown.clone(), &delivery_tasks);
+        target.start(tasks.shutdown.clone(), &tasks.deliveries);
     }
-    delivery_tasks.close();
+    tasks.deliveries.close();
+    Ok(inboxes)
+}
 
-    let node_metrics = config
-        .nodes
-        .iter()
-        .map(|n| (n.name.clone(), metrics.node(&n.name)))
-        .collect();
-    let state = Arc::new(AppState {
-        config: config.clone(),
-        routes,
-        broker,
-        store,
-        metrics,
-        node_metrics,
-        dlq_lock: tokio::sync::Mutex::new(()),
-        inboxes,
-        shutdown: shutdown.clone(),
-    });
-    spawn_queue_depths(&state, shutdown.clone(), &broker_tasks);
-    let app = router(state.clone());
-    let server_shutdown = shutdown.clone();
-    let grace = config.server.shutdown_grace.0;
-    let done = tokio::spawn(async move {
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
-        if let Err(e) = server.await {
-            warn!(error = %e, "HTTP server failed");
-        }
-        info!("HTTP server stopped; finishing deliveries");
-        if tokio::time::timeout(grace, delivery_tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(grace_secs = grace.as_secs(), "deliveries did not finish within the grace period; unacked changes return to their queues");
-        }
-        // The broker's supervisors close their connections (unacked messages go back).
-        broker_stop.cancel();
-        broker_tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), broker_tasks.wait()).await;
-        if let Some(db) = db {
-            db.close().await;
-        }
-        info!("lxbridge stopped");
-    });
+/// Serves HTTP until shutdown, then stops the rest in order: the deliveries (at most
+/// `server.shutdown_grace`), the broker supervisors (at most 5 s), the embedded database.
+async fn serve(listener: TcpListener, state: Arc<AppState>, tasks: Tasks, db: Option<Arc<Db>>) {
+    let grace = state.config.server.shutdown_grace.0;
+    let shutdown = tasks.shutdown.clone();
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await });
+    if let Err(e) = server.await {
+        warn!(error = %e, "HTTP server failed");
+    }
+    info!("HTTP server stopped; finishing deliveries");
+    if tokio::time::timeout(grace, tasks.deliveries.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace_secs = grace.as_secs(), "deliveries did not finish within the grace period; unacked changes return to their queues");
+    }
+    // The broker's supervisors close their connections (unacked messages go back).
+    tasks.broker_stop.cancel();
+    tasks.broker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.broker.wait()).await;
+    if let Some(db) = db {
+        db.close().await;
+    }
+    info!("lxbridge stopped");
+}
+
+fn log_listening(config: &Config, addr: SocketAddr) {
     match config.backend {
         Backend::Rabbit => info!(%addr, backend = "rabbitmq+redis", "lxbridge listening"),
         Backend::Embedded => info!(
@@ -325,46 +400,12 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
             "lxbridge listening"
         ),
     }
-    Ok(Running {
-        addr,
-        state,
-        shutdown,
-        done,
-    })
 }
 
 /// How a target's changes are reshaped: the mappings of the routes into it, its format and
 /// its reference handling.
 fn shaping(config: &Config, target: &str, deliver: &DeliverConfig) -> Result<Shaping, AppError> {
-    let mut routes = Vec::new();
-    for route in config
-        .routes
-        .iter()
-        .filter(|r| r.to.iter().any(|t| t == target))
-    {
-        let mapping = config.compiled_mapping(route).map_err(AppError::Invalid)?;
-        routes.push(RouteShape {
-            source: route.from.clone(),
-            patterns: route
-                .types
-                .iter()
-                .map(|p| crate::route::topic_pattern(p))
-                .collect(),
-            mapping: Arc::new(mapping),
-        });
-    }
-    let needed = deliver.format != Format::Lxbridge
-        || deliver.missing_refs != MissingRefs::Ignore
-        || deliver.remap
-        || routes.iter().any(|r| !r.mapping.is_identity());
-    Ok(Shaping {
-        routes,
-        identity: Arc::new(Compiled::identity()),
-        format: deliver.format,
-        missing_refs: deliver.missing_refs,
-        remap: deliver.remap,
-        needed,
-    })
+    Shaping::from_config(config, target, deliver).map_err(AppError::Invalid)
 }
 
 /// Every second: steps the store's loss marker (`lx_store_up`; a loss is logged once and
@@ -390,42 +431,53 @@ fn spawn_queue_depths(state: &Arc<AppState>, stop: CancellationToken, tracker: &
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let check = tokio::time::timeout(Duration::from_secs(2), state.store.check_loss())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(crate::store::StoreError::Unavailable("no answer within 2s".into()))
-                });
-            state.metrics.store_up.set(i64::from(check.is_ok()));
-            if let Ok(true) = check {
-                state.metrics.store_losses.inc();
-                tracing::error!(
-                    store = "redis",
-                    lost = "idempotency keys, delivery marks, statuses, history and group states written before",
-                    kept = "sequence and inbox numbers continue above the clock floor; delivery marks this instance raised are kept in its memory",
-                    risk = "a change a client repeats may be delivered twice; an object another instance served may get an older change",
-                    "the store lost data (Redis restarted empty or an older replica took over); carrying on"
-                );
-            }
+            check_store(&state).await;
             ticks += 1;
-            if ticks % 5 != 1 {
-                continue;
-            }
-            for target in &targets {
-                if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
-                    state
-                        .metrics
-                        .dlq_messages
-                        .with_label_values(&[target])
-                        .set(i64::from(dlq));
-                    state
-                        .metrics
-                        .retry_messages
-                        .with_label_values(&[target])
-                        .set(i64::from(retry));
-                }
+            if ticks % 5 == 1 {
+                read_queue_depths(&state, &targets).await;
             }
         }
     });
+}
+
+/// Steps the store's loss marker into `lx_store_up`; a loss is logged and counted.
+async fn check_store(state: &AppState) {
+    let check = tokio::time::timeout(Duration::from_secs(2), state.store.check_loss())
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Unavailable(
+                "no answer within 2s".into(),
+            ))
+        });
+    state.metrics.store_up.set(i64::from(check.is_ok()));
+    if let Ok(true) = check {
+        state.metrics.store_losses.inc();
+        tracing::error!(
+            store = "redis",
+            lost = "idempotency keys, delivery marks, statuses, history and group states written before",
+            kept = "sequence and inbox numbers continue above the clock floor; delivery marks this instance raised are kept in its memory",
+            risk = "a change a client repeats may be delivered twice; an object another instance served may get an older change",
+            "the store lost data (Redis restarted empty or an older replica took over); carrying on"
+        );
+    }
+}
+
+/// Each target's DLQ and retry queue depths into `lx_dlq_messages` and `lx_retry_messages`.
+async fn read_queue_depths(state: &AppState, targets: &[String]) {
+    for target in targets {
+        if let Ok((dlq, retry)) = state.broker.queue_depths(target).await {
+            state
+                .metrics
+                .dlq_messages
+                .with_label_values(&[target])
+                .set(i64::from(dlq));
+            state
+                .metrics
+                .retry_messages
+                .with_label_values(&[target])
+                .set(i64::from(retry));
+        }
+    }
 }
 
 /// Every minute: deletes the embedded store's expired rows (Redis expires keys itself).

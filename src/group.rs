@@ -1,6 +1,6 @@
 //! Parallel copies (`[[group]]`), pure: the decisions that keep the members of a group
 //! converging. The state of one object in one group ([`ObjectState`]) is a small JSON value
-//! the store keeps opaque and replaces by compare-and-set ([`crate::store::Store::group_cas`]);
+//! the store keeps opaque and replaces by compare-and-set ([`crate::copies::update`]);
 //! every decision here is a function of that state, so both backends decide alike.
 //!
 //! - **Echo**: content lxbridge sends a member is remembered (its [`content_hash`], up to
@@ -26,7 +26,6 @@
 //! - **Initial** changes (a member's snapshot for a resync) never change an existing version
 //!   and never conflict: every other member gets them, except one that has a newer version.
 
-use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -37,12 +36,8 @@ pub const PENDING_MAX: usize = 8;
 /// Types lxbridge itself sends (a resync request): never group versions.
 pub const CONTROL_PREFIX: &str = "lxbridge.";
 
-/// How a group decides between concurrent changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    LastWriterWins,
-    Priority,
-}
+/// How a group decides between concurrent changes (`group.conflict`).
+pub use crate::config::ConflictPolicy as Policy;
 
 /// A group as routing and delivery see it.
 #[derive(Debug, Clone)]
@@ -75,7 +70,7 @@ impl Group {
             && self
                 .patterns
                 .iter()
-                .any(|p| crate::route::topic_matches(p, kind))
+                .any(|p| crate::topic::topic_matches(p, kind))
     }
 
     /// The store key of an object's state in this group.
@@ -173,7 +168,7 @@ fn describe(v: &Version) -> String {
         "{}'s change (seq {}, ts {})",
         v.node,
         v.seq,
-        crate::store::rfc3339_ms(v.ts_ms)
+        crate::clock::rfc3339_ms(v.ts_ms)
     )
 }
 
@@ -368,48 +363,6 @@ pub fn delivered(
             at_ms,
         });
     }
-}
-
-/// Loads the states of `keys`, lets `decide` change each, and writes them back by
-/// compare-and-set, deciding again for any that another request or process changed in
-/// between (the only function here that does I/O, through the [`Store`] trait).
-pub async fn update<R>(
-    store: &dyn Store,
-    keys: &[String],
-    mut decide: impl FnMut(usize, &mut ObjectState) -> R,
-) -> Result<Vec<R>, StoreError> {
-    let mut results: Vec<Option<R>> = (0..keys.len()).map(|_| None).collect();
-    let mut todo: Vec<usize> = (0..keys.len()).collect();
-    for _ in 0..50 {
-        let todo_keys: Vec<String> = todo.iter().map(|&i| keys[i].clone()).collect();
-        let loaded = store.group_load(&todo_keys).await?;
-        let mut items = Vec::with_capacity(todo.len());
-        let mut decided = Vec::with_capacity(todo.len());
-        for (&i, old) in todo.iter().zip(loaded) {
-            let mut state = ObjectState::parse(old.as_deref());
-            decided.push((i, decide(i, &mut state)));
-            items.push((keys[i].clone(), old, state.to_json()));
-        }
-        let written = store.group_cas(&items).await?;
-        let mut again = Vec::new();
-        for ((i, r), ok) in decided.into_iter().zip(written) {
-            if ok {
-                results[i] = Some(r);
-            } else {
-                again.push(i);
-            }
-        }
-        if again.is_empty() {
-            return Ok(results
-                .into_iter()
-                .map(|r| r.expect("every key decided"))
-                .collect());
-        }
-        todo = again;
-    }
-    Err(StoreError::Protocol(
-        "group state kept changing under 50 attempts".into(),
-    ))
 }
 
 /// The hash of a change's content: its op and `data`, independent of key order (and of

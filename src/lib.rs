@@ -13,11 +13,14 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
+pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod copies;
 pub mod deliver;
-pub mod demo;
 pub mod embedded;
 pub mod group;
+pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod migrate;
@@ -25,6 +28,7 @@ pub mod model;
 pub mod route;
 pub mod store;
 pub mod tls;
+pub mod topic;
 pub mod transform;
 
 use std::collections::HashMap;

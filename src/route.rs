@@ -6,9 +6,11 @@
 //! in-process so ingress can reject a change no route takes before publishing it.
 
 use crate::config::Config;
-use crate::group::{Group, Policy};
+use crate::group::Group;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+pub use crate::topic::{topic_matches, topic_pattern};
 
 /// One binding: changes from `source` whose type matches `pattern` go to `target`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,7 +28,6 @@ pub struct Routes {
     groups: HashMap<String, Arc<Group>>,
 }
 
-/// Turns a route pattern into the topic pattern the broker uses.
 /// The partition of a target's delivery queue that an object's changes go to: a stable hash
 /// of its ref (FNV-1a, then the SplitMix64 finaliser, since FNV-1a's low bits depend only on
 /// the low bits of each byte), so every instance and every restart agrees.
@@ -38,30 +39,6 @@ pub fn partition(reference: &str, partitions: u16) -> u16 {
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^= x >> 31;
     (x % u64::from(partitions.max(1))) as u16
-}
-
-pub fn topic_pattern(pattern: &str) -> String {
-    if pattern == "*" {
-        "#".to_string()
-    } else {
-        pattern.to_string()
-    }
-}
-
-/// RabbitMQ topic matching: `*` is exactly one word, `#` zero or more.
-pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(w), Some(kw)) => w == kw && go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
 }
 
 impl Routes {
@@ -85,11 +62,7 @@ impl Routes {
                 name: g.name.clone(),
                 members: g.nodes.clone(),
                 patterns: g.types.iter().map(|p| topic_pattern(p)).collect(),
-                policy: if g.conflict == "priority" {
-                    Policy::Priority
-                } else {
-                    Policy::LastWriterWins
-                },
+                policy: g.conflict,
                 max_hops: g.max_hops,
             });
             for member in &g.nodes {
@@ -154,32 +127,6 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_matching_table() {
-        let cases = [
-            ("Catalog.*", "Catalog.Products", true),
-            ("Catalog.*", "Catalog.Номенклатура", true),
-            ("Catalog.*", "Document.Order", false),
-            ("Catalog.*", "Catalog", false),
-            ("Catalog.*", "Catalog.A.B", false),
-            ("#", "Anything.At.All", true),
-            ("#", "X", true),
-            ("Document.Order", "Document.Order", true),
-            ("Document.Order", "Document.Orders", false),
-            ("*.Order", "Document.Order", true),
-            ("Catalog.#", "Catalog", true),
-            ("Catalog.#", "Catalog.A.B", true),
-            (
-                "InformationRegister.*",
-                "InformationRegister.ЦеныНоменклатуры",
-                true,
-            ),
-        ];
-        for (pattern, key, want) in cases {
-            assert_eq!(topic_matches(pattern, key), want, "{pattern} vs {key}");
-        }
-    }
 
     #[test]
     fn targets_follow_routes() {

@@ -21,7 +21,7 @@
 //!   the target's queue; when it goes, another serves, and the changes of its unconfirmed
 //!   message come again in a new message (as after a restart).
 
-use super::{outgoing, parse_answer, Core, Prepared, Shaped};
+use super::{outgoing, parse_answer, Batch, Core, Item};
 use crate::broker::{Broker, InboxCall, Incoming};
 use crate::model::StoredChange;
 use serde::{Deserialize, Serialize};
@@ -66,7 +66,7 @@ struct Outstanding {
     first_no: i64,
     no: i64,
     leased_until: Instant,
-    items: Vec<(Incoming, StoredChange, Option<Shaped>)>,
+    items: Vec<Item>,
 }
 
 impl Outstanding {
@@ -152,7 +152,7 @@ impl Inbox {
         let stale = state
             .outstanding
             .as_ref()
-            .is_some_and(|o| o.items.iter().any(|(m, _, _)| m.is_stale()));
+            .is_some_and(|o| o.items.iter().any(|i| i.message.is_stale()));
         if stale {
             let o = state.outstanding.take().expect("checked above");
             self.core.metrics.inflight.sub(o.items.len() as i64);
@@ -187,8 +187,8 @@ impl Inbox {
                 while !state.pending.is_empty() {
                     let take = limit.min(state.pending.len());
                     let batch: Vec<_> = state.pending.drain(..take).collect();
-                    let Some(Prepared {
-                        send,
+                    let Some(Batch {
+                        items: send,
                         failed,
                         records,
                     }) = self.core.prepare(batch, cancel).await
@@ -196,9 +196,12 @@ impl Inbox {
                         return Ok(empty());
                     };
                     // What was superseded, filtered or failed on the way is settled now.
-                    self.core
-                        .settle(Vec::new(), Ok(Default::default()), failed, records)
-                        .await;
+                    let aside = Batch {
+                        items: Vec::new(),
+                        failed,
+                        records,
+                    };
+                    self.core.settle(aside, Ok(Default::default())).await;
                     if send.is_empty() {
                         continue;
                     }
@@ -206,8 +209,8 @@ impl Inbox {
                         Ok(no) => no,
                         Err(e) => {
                             // Back to the front, in order, for the next poll.
-                            for (message, change, _) in send.into_iter().rev() {
-                                state.pending.push_front((message, change));
+                            for item in send.into_iter().rev() {
+                                state.pending.push_front((item.message, item.change));
                             }
                             return Err(e);
                         }
@@ -263,9 +266,7 @@ impl Inbox {
         drop(state);
         let confirmed = o.items.len();
         self.core.metrics.inflight.sub(confirmed as i64);
-        self.core
-            .settle(o.items, Ok(answer), Vec::new(), Vec::new())
-            .await;
+        self.core.settle(Batch::of(o.items), Ok(answer)).await;
         Ok(confirmed)
     }
 

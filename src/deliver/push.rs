@@ -2,7 +2,7 @@
 //! (API.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
-use super::{Answer, Core, DeliverError, Prepared, Shaped};
+use super::{Answer, Batch, Core, DeliverError, Item};
 use crate::broker::Incoming;
 use crate::config::{Auth, DeliverConfig};
 use crate::model::{OutgoingChange, StoredChange};
@@ -138,8 +138,8 @@ impl PushTarget {
         if batch.is_empty() {
             return;
         }
-        let Some(Prepared {
-            send,
+        let Some(Batch {
+            items: mut send,
             failed,
             records,
         }) = self.core.prepare(batch, cancel).await
@@ -148,7 +148,6 @@ impl PushTarget {
         };
         // Send; while the breaker says the target is down, hold the batch and try again
         // (a held batch uses no retry step, so an outage does not walk changes to the DLQ).
-        let mut send = send;
         let mut held = false;
         let answer = loop {
             if send.is_empty() {
@@ -194,15 +193,17 @@ impl PushTarget {
                 }
             }
         };
-        self.core.settle(send, answer, failed, records).await;
+        let batch = Batch {
+            items: send,
+            failed,
+            records,
+        };
+        self.core.settle(batch, answer).await;
     }
 
     /// POSTs the batch. `Ok` maps the ids the target reported in error to (error, retry);
     /// `Err` is a whole-batch failure (transport, timeout, non-2xx).
-    async fn post(
-        &self,
-        send: &[(Incoming, StoredChange, Option<Shaped>)],
-    ) -> Result<Answer, SendError> {
+    async fn post(&self, send: &[Item]) -> Result<Answer, SendError> {
         #[derive(Serialize)]
         struct Body<'a> {
             node: &'a str,

@@ -1,0 +1,214 @@
+//! `lxbench`: end-to-end figures for lxbridge beside a raw-RabbitMQ baseline in the same run.
+//!
+//! For each scenario it starts a fresh lxbridge (the `lxbridge` binary next to this one, or
+//! `--bridge-bin`) with a generated config routing a source node to lxbench's own HTTP sink(s),
+//! POSTs N changes of S bytes over C connections with B changes per request (optionally paced
+//! at a fixed rate), waits until the sink has every change, and prints one JSON line:
+//! accepted/s, delivered/s, latency accept → arrival (p50/p99/max), lxbridge's peak RSS and CPU
+//! seconds, and the baseline (confirmed persistent publishes to a quorum queue, one consumer,
+//! same N and S) with the ratio bridge/baseline.
+//!
+//! `--backend embedded` (or `both`) measures lxbridge on its embedded backend too; the
+//! baseline always needs RabbitMQ, and the RabbitMQ backend Redis (same defaults as
+//! lxbridge). See BENCHMARKS.md for the commands.
+//!
+//! The parts: `throughput` (the sink, posting, the figures of a scenario), `bridge`
+//! (starting, stopping and cleaning up after an lxbridge), `baseline` (raw RabbitMQ),
+//! `pull` (`--pull-latency`), `transform` (`--transform`).
+
+mod baseline;
+mod bridge;
+mod pull;
+mod throughput;
+mod transform;
+
+use baseline::run_baseline;
+use clap::Parser;
+use pull::pull_latency;
+use serde_json::{json, Value};
+use throughput::run_bridge;
+use transform::transform_bench;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "lxbench",
+    about = "End-to-end benchmark of lxbridge against raw RabbitMQ"
+)]
+struct Args {
+    /// Run the standard scenarios of BENCHMARKS.md (ignores the shape options below).
+    #[arg(long)]
+    all: bool,
+    /// Scenario name printed in the JSON line.
+    #[arg(long, default_value = "custom")]
+    name: String,
+    /// Changes to send.
+    #[arg(long, short = 'n', default_value_t = 50_000)]
+    n: usize,
+    /// Bytes of `data` per change (approximately).
+    #[arg(long, short = 's', default_value_t = 1024)]
+    size: usize,
+    /// Concurrent HTTP connections posting.
+    #[arg(long, short = 'c', default_value_t = 4)]
+    connections: usize,
+    /// Changes per request.
+    #[arg(long, short = 'b', default_value_t = 100)]
+    batch: usize,
+    /// Paced mode: changes per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Push targets the source routes to (fan-out).
+    #[arg(long, default_value_t = 1)]
+    targets: usize,
+    /// Percent of changes the sink fails once (per-change error, retried).
+    #[arg(long, default_value_t = 0)]
+    fail_pct: u64,
+    /// Measure how soon a long-polling pull node gets a change after it was posted.
+    #[arg(long)]
+    pull_latency: bool,
+    /// Measure the transform cost per change instead (no broker needed).
+    #[arg(long)]
+    transform: bool,
+    /// The end-to-end budget the transform cost is compared with, in changes/s (default: the
+    /// batch100 figure of BENCHMARKS.md).
+    #[arg(long, default_value_t = 10_000.0)]
+    budget_per_s: f64,
+    /// Skip the raw-RabbitMQ baseline.
+    #[arg(long)]
+    no_baseline: bool,
+    /// The lxbridge backend(s) to measure: `rabbitmq`, `embedded`, or `both` (one line each,
+    /// beside the same baseline).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "embedded", "both"])]
+    backend: String,
+    /// The lxbridge binary (default: next to lxbench).
+    #[arg(long)]
+    bridge_bin: Option<String>,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    redis: String,
+}
+
+async fn scenario(args: &Args) {
+    let baseline = if args.no_baseline {
+        Value::Null
+    } else {
+        run_baseline(args).await
+    };
+    for backend in backends(args) {
+        let args = Args {
+            backend: backend.to_string(),
+            ..args.clone()
+        };
+        let bridge = run_bridge(&args).await;
+        let ratio = match (
+            bridge["delivered_per_s"].as_f64(),
+            baseline["delivered_per_s"].as_f64(),
+        ) {
+            (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
+            _ => Value::Null,
+        };
+        let line = json!({
+            "scenario": args.name,
+            "backend": backend,
+            "n": args.n, "size": args.size, "connections": args.connections, "batch": args.batch,
+            "rate": args.rate, "targets": args.targets, "fail_pct": args.fail_pct,
+            "bridge": bridge,
+            "baseline": baseline,
+            "ratio_delivered": ratio,
+        });
+        println!("{line}");
+    }
+}
+
+/// The backends `--backend` names, one by one.
+fn backends(args: &Args) -> Vec<&str> {
+    match args.backend.as_str() {
+        "both" => vec!["rabbitmq", "embedded"],
+        one => vec![one],
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// `{"p50", "p99", "max"}` of sorted latencies.
+fn latency_summary(sorted: &[f64]) -> Value {
+    json!({"p50": round3(percentile(sorted, 0.5)), "p99": round3(percentile(sorted, 0.99)), "max": round3(sorted.last().copied().unwrap_or(0.0))})
+}
+
+/// The `data` of change `i`, about `size` bytes of JSON.
+fn change_json(i: usize, size: usize) -> String {
+    let filler = "x".repeat(size.saturating_sub(60));
+    format!(
+        r#"{{"id":"b{i}","type":"Catalog.Bench","ref":"r{i}","data":{{"Code":{i},"Description":"{filler}"}}}}"#
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if args.pull_latency {
+        pull_latency(&args).await;
+        return;
+    }
+    if args.transform {
+        transform_bench(&args);
+        return;
+    }
+    if !args.all {
+        scenario(&args).await;
+        return;
+    }
+    let base = Args {
+        all: false,
+        ..args.clone()
+    };
+    let scenarios = [
+        Args {
+            name: "batch100".into(),
+            batch: 100,
+            connections: 4,
+            ..base.clone()
+        },
+        Args {
+            name: "single-c64".into(),
+            batch: 1,
+            connections: 64,
+            ..base.clone()
+        },
+        Args {
+            name: "paced-1000".into(),
+            batch: 1,
+            connections: 16,
+            rate: 1000,
+            n: 20_000,
+            ..base.clone()
+        },
+        Args {
+            name: "retry-10pct".into(),
+            batch: 100,
+            connections: 4,
+            fail_pct: 10,
+            ..base.clone()
+        },
+        Args {
+            name: "fanout-4".into(),
+            batch: 100,
+            connections: 4,
+            targets: 4,
+            ..base.clone()
+        },
+    ];
+    for s in &scenarios {
+        scenario(s).await;
+    }
+}

@@ -1,0 +1,95 @@
+//! The Lua scripts [`RedisStore`](super::RedisStore) runs in Redis, each atomic: recording
+//! objects (status, history and delivery mark, the rules every backend keeps), the group
+//! state compare-and-set, the floored counters (`seq:<node>`, `inbox:<target>`) and the
+//! renewal of pending idempotency keys. Each one's KEYS and ARGV are documented beside it.
+
+/// Records many objects in one call (up to `RECORDS_PER_CALL`): the status rules (a status
+/// never goes backwards), the history list bounded by `history_max`, the delivery mark.
+pub(super) const RECORD_LUA: &str = r#"
+-- Records many objects in one call. Per object, KEYS holds three keys: its status hash,
+-- its history list and a delivery mark (a dummy when there is none).
+-- ARGV[1] history max, ARGV[2] ttl seconds, then per object:
+--   event json ('' = none), revive ('1': a status also replaces a `dead` one, whatever its
+--   seq), mark seq ('' = none), number of statuses, then per status: field, seq, rank,
+--   source, json
+local hmax, ttl = tonumber(ARGV[1]), ARGV[2]
+local a = 3
+for k = 1, #KEYS, 3 do
+  local event, revive, markseq, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if markseq ~= '' then
+    local cur = tonumber(redis.call('GET', KEYS[k + 2]) or '-9007199254740991')
+    if cur < tonumber(markseq) then redis.call('SET', KEYS[k + 2], markseq, 'EX', ttl) end
+  end
+  local wrote = false
+  for _ = 1, n do
+    local field, seq, rank, source = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+    local write = true
+    local cur = redis.call('HGET', KEYS[k], field)
+    if cur then
+      local c = cjson.decode(cur)
+      if revive == '1' and c.state == 'dead' then
+        write = true
+      elseif c.source == source and (c.seq > seq or (c.seq == seq and c.rank > rank)) then
+        write = false
+      end
+    end
+    if write then
+      redis.call('HSET', KEYS[k], field, ARGV[a + 4])
+      wrote = true
+    end
+    a = a + 5
+  end
+  if wrote then redis.call('EXPIRE', KEYS[k], ttl) end
+  if event ~= '' then
+    redis.call('RPUSH', KEYS[k + 1], event)
+    redis.call('LTRIM', KEYS[k + 1], -hmax, -1)
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+  end
+end
+return 1
+"#;
+
+/// Group state compare-and-set. KEYS: the state keys; `ARGV[1]` ttl seconds, then per key:
+/// '1' if a value is expected ('0': absent expected), the expected value, the new value.
+pub(super) const GROUP_CAS_LUA: &str = r#"
+local ttl = ARGV[1]
+local out = {}
+for i = 1, #KEYS do
+  local a = 2 + (i - 1) * 3
+  local cur = redis.call('GET', KEYS[i])
+  local ok
+  if ARGV[a] == '0' then ok = (cur == false) else ok = (cur == ARGV[a + 1]) end
+  if ok then
+    redis.call('SET', KEYS[i], ARGV[a + 2], 'EX', ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Allocates `ARGV[1]` numbers from the counter `KEYS[1]` and returns the last one. The
+/// counter never goes below Redis's clock in microseconds, so its numbers keep growing when
+/// Redis comes back empty or from a replica that missed the last writes (≈ 1.8e15 today:
+/// below 2^53, exact in Lua's doubles and in JSON). `%.0f`: Lua 5.1 prints other numbers
+/// this large in exponent form.
+pub(super) const COUNTER_LUA: &str = r#"
+local n = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = math.max(cur, now) + n
+redis.call('SET', KEYS[1], string.format('%.0f', last))
+return last
+"#;
+
+/// Extends pending idempotency keys: `PEXPIRE` only while the value is still `p`.
+/// `ARGV[1]` milliseconds.
+pub(super) const RENEW_LUA: &str = r#"
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == 'p' then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#;
