@@ -108,7 +108,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every 4xx/5xx answer has a JSON `{"error"}` body (API.md): axum's own rejections (a path
+/// Every 4xx/5xx answer has a JSON `{"error"}` body (docs/api.md): axum's own rejections (a path
 /// segment that is not UTF-8, a malformed query) come as plain text and are wrapped here.
 async fn json_errors(response: Response) -> Response {
     let status = response.status();

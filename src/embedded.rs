@@ -12,7 +12,7 @@
 //! disk, and survives kill -9 and power loss alike. The connection holds an exclusive lock
 //! (`locking_mode=EXCLUSIVE`), so a second lxbridge on the same `data_dir` is refused at start.
 //!
-//! Tables (see ARCHITECTURE.md): `queue` (changes waiting for a target, in order), `retry`
+//! Tables (see docs/internals.md): `queue` (changes waiting for a target, in order), `retry`
 //! (changes waiting out a retry delay), `dlq`, `ids` (idempotency keys), `counters` (node seqs,
 //! inbox numbers), `objects` (status per target and history of an object), `marks`
 //! (delivery marks), `remap`, `groups` (the state of an object in a `[[group]]`).

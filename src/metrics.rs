@@ -1,4 +1,4 @@
-//! Every Prometheus metric lxbridge exports, defined in one place (names per API.md).
+//! Every Prometheus metric lxbridge exports, defined in one place (names per docs/api.md).
 //!
 //! Hot paths hold pre-resolved label handles ([`TargetMetrics`], [`NodeMetrics`]) so that
 //! counting a change allocates nothing.

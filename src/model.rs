@@ -447,7 +447,7 @@ pub struct StoredChange {
     pub initial: bool,
 }
 
-/// One change as a target receives it (API.md "Delivering to a push node").
+/// One change as a target receives it (docs/api.md "Delivering to a push node").
 #[derive(Debug, Serialize)]
 pub struct OutgoingChange<'a> {
     pub id: &'a str,

@@ -1,4 +1,4 @@
-//! The modes that ask a running lxbridge through its admin API (API.md): `status`,
+//! The modes that ask a running lxbridge through its admin API (docs/api.md): `status`,
 //! `dlq list|replay|purge` and `resync`. Each builds a [`Request`] (method, encoded path,
 //! body), then [`call`] sends it to `server.listen` of the config with `admin.token` and
 //! prints the JSON answer.

@@ -578,7 +578,7 @@ struct Received {
     error: Option<String>,
 }
 
-/// A push target (API.md "Delivering to a push node") in this process: it takes every change
+/// A push target (docs/api.md "Delivering to a push node") in this process: it takes every change
 /// except an order naming a warehouse it doesn't know, which it refuses with `"retry": false`.
 struct DemoTarget {
     url: String,

@@ -98,7 +98,7 @@ pub enum Command {
     Status(admin::StatusArgs),
 }
 
-/// sysexits.h EX_USAGE / EX_DATAERR-style code for a bad config, as API.md fixes.
+/// sysexits.h EX_USAGE / EX_DATAERR-style code for a bad config, as docs/api.md fixes.
 pub const EXIT_CONFIG: u8 = 64;
 
 /// A mode's result as the exit code, its error (with its causes) on stderr.

@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of API.md, typed, with defaults and `${ENV}` expansion, and
+//! Configuration: the TOML file of docs/api.md, typed, with defaults and `${ENV}` expansion, and
 //! checks that report every problem at once (like `vector validate`).
 //!
 //! The sections' types, one file each: `server` (`[server]`, `[admin]`, `[retry]`),

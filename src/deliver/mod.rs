@@ -63,7 +63,7 @@ impl Item {
         }
     }
 
-    /// The change as the target receives it (API.md), reshaped where `shaped`.
+    /// The change as the target receives it (docs/api.md), reshaped where `shaped`.
     fn outgoing(&self) -> OutgoingChange<'_> {
         let (m, c) = (&self.message, &self.change);
         let mut out = OutgoingChange {

@@ -1,4 +1,4 @@
-//! Pull delivery: the inbox of a node that can't accept connections (API.md "Pulling").
+//! Pull delivery: the inbox of a node that can't accept connections (docs/api.md "Pulling").
 //!
 //! The node long-polls; lxbridge hands out one numbered message at a time, built from the
 //! target's queue through [`Core`] like a push batch. The changes stay unacked in RabbitMQ

@@ -1,5 +1,5 @@
 //! Push delivery: consumes a target's queue and POSTs batches of changes to the target
-//! (API.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
+//! (docs/api.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
 use super::{Answer, Batch, Core, DeliverError, Item};

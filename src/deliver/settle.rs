@@ -20,7 +20,7 @@ pub(crate) struct Answer {
     target_refs: HashMap<String, String>,
 }
 
-/// Reads a target's answer body (API.md "Delivering to a push node": optional `results`);
+/// Reads a target's answer body (docs/api.md "Delivering to a push node": optional `results`);
 /// anything else counts as "all delivered".
 pub(crate) fn parse_answer(body: &[u8]) -> Answer {
     #[derive(Deserialize)]

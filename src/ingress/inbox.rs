@@ -1,4 +1,4 @@
-//! The pull endpoints of a node: `GET …/inbox` and `POST …/inbox/ack` (API.md "Pull
+//! The pull endpoints of a node: `GET …/inbox` and `POST …/inbox/ack` (docs/api.md "Pull
 //! delivery"). They check the node and its credentials, answer `404` for a node that doesn't
 //! pull, and pass the request to whichever instance serves the inbox
 //! ([`pull::call`]), answering with its [`pull::Reply`].

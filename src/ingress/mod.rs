@@ -1,4 +1,4 @@
-//! The node endpoints: `POST /api/v1/nodes/{node}/changes` (API.md "Publishing changes")
+//! The node endpoints: `POST /api/v1/nodes/{node}/changes` (docs/api.md "Publishing changes")
 //! and the pull endpoints ([`inbox`]). A changes request is authenticated here, its body
 //! read and split into items ([`body`]), and each item accepted or rejected ([`accept`]:
 //! routing, dedupe by id, parallel copies, publishing through the broker, records).
@@ -41,7 +41,7 @@ pub async fn post_changes(
     response
 }
 
-/// The node, checked before its credentials (404 then 401, as API.md orders them).
+/// The node, checked before its credentials (404 then 401, as docs/api.md orders them).
 fn authenticated_node(app: &AppState, node: &str, headers: &HeaderMap) -> Result<(), Response> {
     let Some(node_config) = app.config.node(node) else {
         return Err(error_response(

@@ -6,7 +6,7 @@
 //! This file is what the rest of lxbridge sees: the [`Store`] trait and the types it
 //! speaks in. Two backends implement it, each in its own module:
 //! - [`redis`]: [`RedisStore`], the production one (key layout in its module doc and
-//!   ARCHITECTURE.md);
+//!   docs/internals.md);
 //! - [`sqlite`]: [`EmbeddedStore`], the same facts and rules in tables of the embedded
 //!   database ([`crate::embedded`]).
 

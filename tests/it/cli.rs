@@ -373,11 +373,13 @@ filter = [{ field = "Posted", eq = true }]
         .unwrap()
         .iter()
         .any(|r| r["type"] == "Catalog.Контрагенты"));
-    // The counterparty's type is not routed to site (the route takes Document.*): the
-    // delivery would never wait for it, and neither does the preview.
-    assert!(
-        site.get("waits_for").is_none(),
-        "no wait for a reference to a type never routed to site: {site}"
+    // The preview waits for what the delivery waits for: the order's `Основание` (a
+    // document, and the route takes Document.*), not its counterparty (Catalog.Контрагенты
+    // is never routed to site, so the delivery would not wait for it).
+    assert_eq!(
+        site["waits_for"],
+        serde_json::json!([{"type": "Document.КоммерческоеПредложениеКлиенту", "ref": "e8f9a0b1-8d4b-11ee-b9d1-0242ac120002"}]),
+        "{site}"
     );
     let erp = &lines[1];
     assert_eq!(

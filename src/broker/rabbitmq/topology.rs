@@ -1,4 +1,4 @@
-//! The RabbitMQ topology (API.md "Broker topology"): [`Names`] of every exchange and queue
+//! The RabbitMQ topology (docs/api.md "Broker topology"): [`Names`] of every exchange and queue
 //! under the prefix, and [`Topology`], what to declare, computed once from the config and
 //! declared on every connect: the source exchanges; per target a headers exchange routing
 //! `lx-partition` to its delivery queue partitions (quorum, single active consumer), the
@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use std::time::Duration;
 
-/// Queue and exchange names under the prefix (API.md "Broker topology").
+/// Queue and exchange names under the prefix (docs/api.md "Broker topology").
 #[derive(Clone, Debug)]
 pub struct Names {
     pub prefix: String,

@@ -2,7 +2,7 @@
 //! connection, made afresh after an error (through the sentinels, if any: `connect`);
 //! every call bounded by 5 s; the Lua scripts (`scripts`) keep each write atomic.
 //!
-//! Key layout (all under `<prefix>:`), documented in ARCHITECTURE.md:
+//! Key layout (all under `<prefix>:`), documented in docs/internals.md:
 //! - `d:<node>:<id>`   idempotency key: `p` while its change is being published, `1` once
 //!   accepted (≈ 90–120 bytes of Redis memory for typical ids, measured with MEMORY USAGE)
 //! - `seq:<node>`      the node's sequence counter, floored by Redis's clock in µs
