@@ -15,8 +15,6 @@ pub mod sqlite;
 
 pub use self::redis::RedisStore;
 pub use self::sqlite::EmbeddedStore;
-// The clock helpers lived here once; kept so old paths (`store::rfc3339_now`) still work.
-pub use crate::clock::{rfc3339_ms, rfc3339_now, unix_ms_now};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};

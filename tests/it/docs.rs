@@ -80,6 +80,21 @@ fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The front pages stay short: README.md what it is, the two commands and a tour (the rest is
+/// in docs/); ARCHITECTURE.md the map and the invariants.
+#[test]
+fn readme_and_architecture_stay_short() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, limit) in [("README.md", 250), ("ARCHITECTURE.md", 150)] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let lines = text.lines().count();
+        assert!(
+            lines <= limit,
+            "{file} is {lines} lines, more than {limit}: move detail to docs/"
+        );
+    }
+}
+
 #[test]
 fn toml_blocks_in_docs_are_valid_configs() {
     let docs = doc_files();

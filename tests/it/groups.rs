@@ -101,7 +101,7 @@ impl Member {
             .unwrap()
             .insert(reference.to_string(), data.clone());
         self.sent_user.fetch_add(1, Ordering::SeqCst);
-        let ts = lxbridge::store::rfc3339_now();
+        let ts = lxbridge::clock::rfc3339_now();
         self.send(
             json!({"type": "Catalog.Items", "ref": reference, "data": data, "ts": ts}).to_string(),
         )
@@ -135,7 +135,7 @@ async fn receive(State(m): State<Arc<Member>>, body: Bytes) -> Response {
     // way 1C writes it: its fields in the base's own order, whole numbers as decimals.
     for (kind, reference, data) in echoes {
         m.sent_echo.fetch_add(1, Ordering::SeqCst);
-        let ts = lxbridge::store::rfc3339_now();
+        let ts = lxbridge::clock::rfc3339_now();
         let fields: Vec<String> = data
             .as_object()
             .unwrap()

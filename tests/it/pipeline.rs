@@ -509,7 +509,7 @@ async fn history_is_bounded_and_status_keys_expire(backend: Backend) {
                     r.get(0)
                 })
                 .unwrap();
-            let ttl = (expires - lxbridge::store::unix_ms_now()) / 1000;
+            let ttl = (expires - lxbridge::clock::unix_ms_now()) / 1000;
             assert!(
                 ttl > 3500 && ttl <= 3600,
                 "inv-b expires within the 1h retention: ttl {ttl}"
