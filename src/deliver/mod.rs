@@ -162,11 +162,13 @@ pub struct Core {
     pub seen: SeenMarks,
 }
 
-/// An object as one source sees it: (source, type, ref).
-type ObjectKey<'a> = (&'a str, &'a str, &'a str);
-
-fn object_key(c: &StoredChange) -> ObjectKey<'_> {
-    (&c.source, &c.kind, &c.reference)
+/// The object a change is about, as its source sees it.
+fn object_of(c: &StoredChange) -> MarkKey<'_> {
+    MarkKey {
+        source: &c.source,
+        kind: &c.kind,
+        reference: &c.reference,
+    }
 }
 
 /// What to do with a consumed change before sending.
@@ -238,32 +240,25 @@ impl Core {
         batch: &[(Incoming, StoredChange)],
         cancel: &CancellationToken,
     ) -> Option<Vec<Decision>> {
-        let mut newest: HashMap<ObjectKey<'_>, i64> = HashMap::with_capacity(batch.len());
+        let mut newest: HashMap<MarkKey<'_>, i64> = HashMap::with_capacity(batch.len());
         for (_, c) in batch {
-            let e = newest.entry(object_key(c)).or_insert(c.seq);
+            let e = newest.entry(object_of(c)).or_insert(c.seq);
             *e = (*e).max(c.seq);
         }
-        let keys: Vec<MarkKey<'_>> = newest
-            .keys()
-            .map(|&(source, kind, reference)| MarkKey {
-                source,
-                kind,
-                reference,
-            })
-            .collect();
+        let keys: Vec<MarkKey<'_>> = newest.keys().copied().collect();
         let marks = self
             .until_store(cancel, || self.store.marks(&self.name, &keys))
             .await?; // None: unacked, redelivered after restart
                      // The store's marks, raised to what this process delivered (the store may have
                      // lost them).
         let marks = self.seen.merge(&keys, marks);
-        let marks: HashMap<ObjectKey<'_>, i64> = keys
+        let marks: HashMap<MarkKey<'_>, i64> = keys
             .iter()
             .zip(marks)
-            .filter_map(|(k, m)| m.map(|m| ((k.source, k.kind, k.reference), m)))
+            .filter_map(|(k, m)| m.map(|m| (*k, m)))
             .collect();
         let decide = |c: &StoredChange| {
-            let key = object_key(c);
+            let key = object_of(c);
             let mark = marks.get(&key).copied();
             if c.seq < newest[&key] || mark.is_some_and(|m| c.seq < m) {
                 Decision::Superseded

@@ -96,8 +96,9 @@ pub struct Record {
     pub mark: Option<Mark>,
 }
 
-/// Identifies an object from one source for delivery marks.
-#[derive(Debug, Clone, Copy)]
+/// Identifies an object as one source sees it (source, type, ref): the key of its delivery
+/// marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MarkKey<'a> {
     pub source: &'a str,
     pub kind: &'a str,

@@ -402,15 +402,19 @@ async fn target_ref_from_the_answer_rewrites_later_references(backend: Backend) 
         .await;
     assert_eq!(status, 202);
     eventually(WAIT, "counterparty delivered", || erp.count() == 1).await;
-    // The learned pair is visible through the admin API.
-    let (s, body) = admin(
-        &bridge,
-        reqwest::Method::GET,
-        "/api/v1/remap/erp?type=Catalog.Контрагенты&source=e2f3a4b5-8d4b-11ee-b9d1-0242ac120002",
-        None,
-    )
-    .await;
-    assert_eq!((s, body), (200, json!({"target": "ERP-777"})));
+    // The learned pair is visible through the admin API, once lxbridge has read the answer
+    // (the target counts the change when it receives it, before it answers).
+    let path =
+        "/api/v1/remap/erp?type=Catalog.Контрагенты&source=e2f3a4b5-8d4b-11ee-b9d1-0242ac120002";
+    let started = Instant::now();
+    let learned = loop {
+        let answer = admin(&bridge, reqwest::Method::GET, path, None).await;
+        if answer.0 != 404 || started.elapsed() > WAIT {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(learned, (200, json!({"target": "ERP-777"})));
     let (status, _) = bridge
         .post_json(
             "central",
