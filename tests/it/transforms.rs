@@ -262,6 +262,27 @@ fn order_referring_to_counterparty() -> Value {
     order
 }
 
+/// The fixture order (ref b5c6d7e8-…) is held, not delivered, and its history says it waits
+/// for exactly the counterparty `counterparty`.
+async fn assert_order_waits_for(bridge: &Bridge, target: &Target, counterparty: &str) {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(target.count(), 0, "the order waits for its counterparty");
+    let (_, object) = bridge
+        .admin_get("/api/v1/objects/b5c6d7e8-8d4b-11ee-b9d1-0242ac120002")
+        .await;
+    let waiting: Vec<&Value> = object["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "waiting")
+        .collect();
+    assert!(!waiting.is_empty(), "{object}");
+    assert_eq!(
+        waiting[0]["detail"],
+        format!("missing reference Catalog.Контрагенты {counterparty}")
+    );
+}
+
 async fn with_wait_a_document_arrives_only_after_its_counterparty(backend: Backend) {
     let erp = Target::start().await;
     let config = wait_config(
@@ -278,22 +299,7 @@ async fn with_wait_a_document_arrives_only_after_its_counterparty(backend: Backe
         )
         .await;
     assert_eq!(status, 202);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(erp.count(), 0, "the order waits for its counterparty");
-    let (_, object) = bridge
-        .admin_get("/api/v1/objects/b5c6d7e8-8d4b-11ee-b9d1-0242ac120002")
-        .await;
-    let waiting: Vec<&Value> = object["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "waiting")
-        .collect();
-    assert!(!waiting.is_empty(), "{object}");
-    assert_eq!(
-        waiting[0]["detail"],
-        "missing reference Catalog.Контрагенты e2f3a4b5-8d4b-11ee-b9d1-0242ac120002"
-    );
+    assert_order_waits_for(&bridge, &erp, "e2f3a4b5-8d4b-11ee-b9d1-0242ac120002").await;
     let (status, _) = bridge
         .post_json(
             "central",
@@ -617,22 +623,7 @@ types = ["Catalog.Контрагенты"]
     // The delivery waits for exactly that reference, and for nothing else.
     let (status, _) = bridge.post_json("central", "central-secret", &order).await;
     assert_eq!(status, 202);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(site.count(), 0, "the order waits for its counterparty");
-    let (_, object) = bridge
-        .admin_get("/api/v1/objects/b5c6d7e8-8d4b-11ee-b9d1-0242ac120002")
-        .await;
-    let waiting: Vec<&Value> = object["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "waiting")
-        .collect();
-    assert!(!waiting.is_empty(), "{object}");
-    assert_eq!(
-        waiting[0]["detail"],
-        format!("missing reference Catalog.Контрагенты {counterparty}")
-    );
+    assert_order_waits_for(&bridge, &site, counterparty).await;
     let (status, _) = bridge
         .post_json(
             "central",
