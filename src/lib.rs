@@ -15,6 +15,7 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod commerceml;
 pub mod config;
 pub mod copies;
 pub mod deliver;
