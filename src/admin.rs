@@ -301,6 +301,40 @@ struct ResyncRequest {
 
 pub use crate::copies::RESYNC_TYPE;
 
+/// `DELETE /api/v1/nodes/{node}/commerceml/hashes`: forgets the content hashes of a
+/// CommerceML node's elements, so its next upload is delivered in full (a resend).
+/// → `200 {"forgotten": N}`.
+pub async fn forget_commerceml_hashes(
+    State(app): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = check_admin(&app, &headers) {
+        return r;
+    }
+    if app
+        .config
+        .node(&node)
+        .and_then(|n| n.commerceml.as_ref())
+        .is_none()
+    {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            format!("node {node:?} has no [node.commerceml]"),
+        );
+    }
+    match app.store.forget_content_hashes(&node).await {
+        Ok(n) => {
+            tracing::info!(%node, forgotten = n, "CommerceML content hashes forgotten: the next upload is delivered in full");
+            Json(serde_json::json!({ "forgotten": n })).into_response()
+        }
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store is unavailable: {e}"),
+        ),
+    }
+}
+
 /// `POST /api/v1/groups/{group}/resync` `{"node": "N", "from": "S"}` (extension): asks member
 /// `S` (default: the first other member in `nodes`) to send its snapshot, every object of
 /// the group's types as an ordinary change marked `"initial": true`, so that `N` is fed

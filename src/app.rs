@@ -18,7 +18,7 @@ use crate::{admin, ingress, AppState};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -75,6 +75,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
         .route("/api/v1/nodes/{node}/inbox", get(ingress::get_inbox))
         .route(
+            "/api/v1/nodes/{node}/commerceml",
+            get(ingress::commerceml::commerceml).post(ingress::commerceml::commerceml),
+        )
+        .route(
+            "/api/v1/nodes/{node}/commerceml/hashes",
+            delete(admin::forget_commerceml_hashes),
+        )
+        .route(
             "/api/v1/nodes/{node}/inbox/ack",
             post(ingress::post_inbox_ack),
         )
@@ -116,7 +124,12 @@ async fn json_errors(response: Response) -> Response {
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    // CommerceML answers are the protocol's text (`failure` first), which 1C reads.
+    let commerceml = response
+        .extensions()
+        .get::<crate::ingress::commerceml::Status>()
+        .is_some();
+    if !(status.is_client_error() || status.is_server_error()) || is_json || commerceml {
         return response;
     }
     let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
@@ -219,6 +232,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         node_metrics,
         dlq_lock: tokio::sync::Mutex::new(()),
         inboxes,
+        commerceml: Default::default(),
         shutdown: tasks.shutdown.clone(),
     });
     spawn_queue_depths(&state, tasks.shutdown.clone(), &tasks.broker);

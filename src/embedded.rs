@@ -15,7 +15,10 @@
 //! Tables (see docs/internals.md): `queue` (changes waiting for a target, in order), `retry`
 //! (changes waiting out a retry delay), `dlq`, `ids` (idempotency keys), `counters` (node seqs,
 //! inbox numbers), `objects` (status per target and history of an object), `marks`
-//! (delivery marks), `remap`, `groups` (the state of an object in a `[[group]]`).
+//! (delivery marks), `remap`, `groups` (the state of an object in a `[[group]]`),
+//! `content_hashes` (what each object of a CommerceML source looked like when last accepted).
+//! Every table is `CREATE TABLE IF NOT EXISTS`, so a database made by an older lxbridge gets
+//! the tables it lacks when opened.
 
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -116,6 +119,12 @@ CREATE TABLE IF NOT EXISTS remap (
     key TEXT NOT NULL,
     value TEXT NOT NULL,
     PRIMARY KEY (target, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS content_hashes (
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (source, kind, ref)) WITHOUT ROWID;
 ";
 
 /// The database file inside `data_dir`.
@@ -325,6 +334,37 @@ mod tests {
         first.close().await;
         let again = Db::open(&dir).expect("free once the first closed");
         again.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A database made before a table existed (here `content_hashes`) gains it when opened,
+    /// and keeps what it held.
+    #[tokio::test]
+    async fn an_older_database_gains_the_tables_it_lacks() {
+        let dir = temp_dir("upgrade");
+        let db = Db::open(&dir).unwrap();
+        db.call(|c| {
+            c.execute_batch(
+                "DROP TABLE content_hashes; INSERT INTO counters (name, value) VALUES ('a', 7);",
+            )
+        })
+        .await
+        .unwrap();
+        db.close().await;
+        let db = Db::open(&dir).unwrap();
+        let (value, hashes): (i64, i64) = db
+            .call(|c| {
+                Ok((
+                    c.query_row("SELECT value FROM counters WHERE name = 'a'", [], |r| {
+                        r.get(0)
+                    })?,
+                    c.query_row("SELECT count(*) FROM content_hashes", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((value, hashes), (7, 0));
+        db.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 

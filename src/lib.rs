@@ -47,6 +47,8 @@ pub struct AppState {
     pub dlq_lock: tokio::sync::Mutex<()>,
     /// The inbox of each pull target.
     pub inboxes: HashMap<String, Arc<deliver::pull::Inbox>>,
+    /// The CommerceML imports this process runs.
+    pub commerceml: ingress::commerceml::Imports,
     /// Cancelled on shutdown: long polls end early.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

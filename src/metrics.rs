@@ -11,6 +11,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub ingress_requests: IntCounterVec,
+    pub commerceml_requests: IntCounterVec,
+    pub commerceml_elements: IntCounterVec,
     pub changes_accepted: IntCounterVec,
     pub changes_rejected: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -117,6 +119,18 @@ impl Metrics {
                 "lx_ingress_requests_total",
                 "Ingress HTTP requests by source node and status code",
                 &["node", "code"],
+            ),
+            commerceml_requests: counter_vec(
+                &r,
+                "lx_commerceml_requests_total",
+                "CommerceML exchange requests by node, mode and the answer's first line",
+                &["node", "mode", "status"],
+            ),
+            commerceml_elements: counter_vec(
+                &r,
+                "lx_commerceml_elements_total",
+                "Elements of imported CommerceML files by node and outcome (accepted, unchanged, duplicate, unroutable, rejected)",
+                &["node", "outcome"],
             ),
             changes_accepted: counter_vec(
                 &r,

@@ -46,10 +46,18 @@
 //! Encodings: by the byte-order mark (UTF-8, UTF-16), else by the XML declaration's
 //! `encoding` (UTF-8 when there is none); anything but UTF-8 (windows-1251 in practice) is
 //! transcoded to UTF-8 as it streams (`encoding_rs`).
+//!
+//! The writer ([`write`](mod@write)) is the inverse: [`element`] writes an element's JSON
+//! back as XML by the same rule (what can't be XML, such as a key that is not an XML name, is
+//! left out), and [`documents`] writes the `КоммерческаяИнформация` of `Документ`s that
+//! answers 1C's `type=sale&mode=query`, in UTF-8 or windows-1251; what it writes reads back
+//! alike.
 
 pub mod read;
+pub mod write;
 
 pub use read::{Reader, DEPTH_MAX, ELEMENT_BYTES_MAX};
+pub use write::{documents, element, Written};
 
 use serde_json::Value;
 
@@ -150,6 +158,11 @@ impl ElementError {
             ElementProblem::TooLarge { limit } => {
                 format!("строка {line}: элемент <{name}> больше {limit} байт, пропущен")
             }
+            ElementProblem::LongId { limit } => {
+                format!(
+                    "строка {line}: у элемента <{name}> <Ид> длиннее {limit} символов, пропущен"
+                )
+            }
         }
     }
 }
@@ -161,6 +174,8 @@ pub enum ElementProblem {
     MissingId,
     #[error("is larger than {limit} bytes: skipped, the others are read")]
     TooLarge { limit: usize },
+    #[error("has an Ид longer than {limit} characters: skipped, the others are read")]
+    LongId { limit: usize },
 }
 
 /// A file that can't be read on.

@@ -27,7 +27,8 @@ pub use backend::{
 };
 pub use duration::Duration;
 pub use node::{
-    valid_node_name, Auth, DeliverConfig, DeliverMode, Format, MissingRefs, NodeConfig,
+    valid_node_name, Auth, CommerceMlConfig, DeliverConfig, DeliverMode, Format, MissingRefs,
+    NodeConfig, QueryEncoding,
 };
 pub use route::{type_pattern_problem, ConflictPolicy, GroupConfig, RouteConfig};
 pub use server::{AdminConfig, LogFormat, RetryConfig, ServerConfig};
@@ -185,6 +186,15 @@ impl Config {
                     .map(|p| format!("{}: mapping: {p}", route.label()))
                     .collect()
             }),
+        }
+    }
+
+    /// The folder of `node`'s CommerceML sessions: its `dir`, else `<data dir>/commerceml`.
+    pub fn commerceml_dir(&self, cml: &CommerceMlConfig) -> PathBuf {
+        match &cml.dir {
+            Some(dir) if dir.is_absolute() => dir.clone(),
+            Some(dir) => self.base_dir.join(dir),
+            None => self.data_dir().join("commerceml"),
         }
     }
 

@@ -1,5 +1,6 @@
 //! `[[node]]`: a 1C base (or site) that sends changes, and, with `[node.deliver]`, receives
-//! them by push or pull.
+//! them by push or pull; with `[node.commerceml]`, it talks CommerceML 2 to lxbridge (1C's
+//! built-in site exchange, docs/commerceml.md).
 
 use super::Duration;
 use serde::Deserialize;
@@ -9,6 +10,65 @@ pub struct NodeConfig {
     pub name: String,
     pub token: String,
     pub deliver: Option<DeliverConfig>,
+    pub commerceml: Option<CommerceMlConfig>,
+}
+
+/// `[node.commerceml]`: the node is a 1C base whose "Обмен с сайтом" points at lxbridge.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommerceMlConfig {
+    /// Bytes per uploaded part, announced by `mode=init`.
+    #[serde(default = "default_file_limit")]
+    pub file_limit: usize,
+    /// Accept zip archives (announced by `mode=init`).
+    #[serde(default = "default_true")]
+    pub zip: bool,
+    /// Extension: the most an exchange session may upload (parts, and what its zip holds).
+    #[serde(default = "default_session_limit")]
+    pub session_limit: u64,
+    /// Extension: how long an imported file is kept for audit (0: removed once imported).
+    #[serde(default = "default_keep_files")]
+    pub keep_files: Duration,
+    /// Extension: how long `mode=import` works before it answers `progress`.
+    #[serde(default = "default_import_wait")]
+    pub import_wait: Duration,
+    /// Extension: where the sessions' files are (default `<data dir>/commerceml`); the
+    /// instances behind one address share it, or the balancer keeps a session on one.
+    pub dir: Option<std::path::PathBuf>,
+    /// Extension: the encoding of the `mode=query` answer.
+    #[serde(default)]
+    pub query_encoding: QueryEncoding,
+}
+
+/// The encoding 1C is answered `mode=query` in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum QueryEncoding {
+    #[default]
+    #[serde(rename = "utf-8")]
+    Utf8,
+    #[serde(rename = "windows-1251")]
+    Windows1251,
+}
+
+impl QueryEncoding {
+    pub fn encoding(self) -> &'static encoding_rs::Encoding {
+        match self {
+            QueryEncoding::Utf8 => encoding_rs::UTF_8,
+            QueryEncoding::Windows1251 => encoding_rs::WINDOWS_1251,
+        }
+    }
+}
+
+fn default_file_limit() -> usize {
+    1024 * 1024
+}
+fn default_session_limit() -> u64 {
+    1024 * 1024 * 1024
+}
+fn default_keep_files() -> Duration {
+    Duration::from_secs(0)
+}
+fn default_import_wait() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,8 +4,8 @@
 //! [`Config::check`]'s.
 
 use super::{
-    type_pattern_problem, valid_node_name, Config, DeliverConfig, DeliverMode, GroupConfig,
-    RouteConfig, TlsFiles, MAX_PARTITIONS,
+    type_pattern_problem, valid_node_name, CommerceMlConfig, Config, DeliverConfig, DeliverMode,
+    GroupConfig, RouteConfig, TlsFiles, MAX_PARTITIONS,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -158,6 +158,10 @@ impl Config {
                 let at = format!("node {:?} deliver", node.name);
                 deliver_problems(&at, deliver, problems);
             }
+            if let Some(cml) = &node.commerceml {
+                let at = format!("node {:?} commerceml", node.name);
+                commerceml_problems(&at, cml, problems);
+            }
         }
     }
 
@@ -291,6 +295,25 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
     }
     if deliver.timeout.0.is_zero() {
         problems.push(format!("{at}: timeout must be greater than 0"));
+    }
+}
+
+fn commerceml_problems(at: &str, cml: &CommerceMlConfig, problems: &mut Problems) {
+    if !(1024..=256 * 1024 * 1024).contains(&cml.file_limit) {
+        problems.push(format!(
+            "{at}: file_limit must be between 1024 and 268435456 bytes"
+        ));
+    }
+    if cml.session_limit < cml.file_limit as u64 {
+        problems.push(format!("{at}: session_limit must be at least file_limit"));
+    }
+    if cml.import_wait.0.is_zero() || cml.import_wait.0 > std::time::Duration::from_secs(60) {
+        problems.push(format!(
+            "{at}: import_wait must be between 1ms and 60s (1C waits for each answer)"
+        ));
+    }
+    if cml.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        problems.push(format!("{at}: dir must not be empty"));
     }
 }
 

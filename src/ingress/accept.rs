@@ -100,12 +100,54 @@ pub(super) async fn accept(
     node: &str,
     parsed: Vec<Result<Change, String>>,
 ) -> Response {
+    match decide(app, node, parsed).await {
+        Ok(items) => answer(app, node, items),
+        Err(Unavailable(why)) => error_response(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// The broker or the store is away: nothing was accepted (a 503, or `progress` to 1C).
+#[derive(Debug)]
+pub(crate) struct Unavailable(pub String);
+
+/// What became of one change, for callers other than the changes endpoint (CommerceML).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Published with confirms (or dropped by its group, recorded).
+    Accepted,
+    Duplicate,
+    /// No route takes its type from this node (recorded `unroutable`).
+    Unroutable,
+    /// Not accepted; the reason (a broker that refused it: retry).
+    Rejected(String),
+}
+
+/// [`accept`]'s work without the HTTP answer: each change's verdict, in order.
+pub(crate) async fn accept_changes(
+    app: &AppState,
+    node: &str,
+    changes: Vec<Change>,
+) -> Result<Vec<Verdict>, Unavailable> {
+    let items = decide(app, node, changes.into_iter().map(Ok).collect()).await?;
+    let verdict = |item: Item| match item.fate {
+        Fate::Accepted { .. } | Fate::Dropped { .. } => Verdict::Accepted,
+        Fate::Duplicate => Verdict::Duplicate,
+        Fate::Unroutable(_) => Verdict::Unroutable,
+        Fate::Rejected(why) => Verdict::Rejected(why),
+        Fate::Publish { .. } => Verdict::Rejected("not published".into()),
+    };
+    Ok(items.into_iter().map(verdict).collect())
+}
+
+/// Decides each item's fate: routed, deduped, admitted, published with confirms, recorded.
+async fn decide(
+    app: &AppState,
+    node: &str,
+    parsed: Vec<Result<Change, String>>,
+) -> Result<Vec<Item>, Unavailable> {
     let mut items = routed(app, node, parsed);
     let given = dedupe_in_request(&mut items);
-    let admission = match admit_ids(app, node, &items, &given).await {
-        Ok(admission) => admission,
-        Err(response) => return response,
-    };
+    let admission = admit_ids(app, node, &items, &given).await?;
     let reserved = apply_id_states(&mut items, &given, admission.as_ref());
     let reserved_ids: Vec<&str> = reserved
         .iter()
@@ -125,19 +167,19 @@ pub(super) async fn accept(
             warn!(%node, error = %e, "store unavailable for group state at ingress");
             release(app, node, &reserved_ids).await;
             let why = format!("the store is unavailable ({e}); nothing was accepted, retry later");
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, why);
+            return Err(Unavailable(why));
         }
     };
     if let Err(e) = publish(app, node, &mut items, &outgoing).await {
         warn!(%node, error = %e, "publish failed");
         release(app, node, &reserved_ids).await;
         let why = format!("the broker (RabbitMQ) is unavailable ({e}); retry later");
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, why);
+        return Err(Unavailable(why));
     }
     refeed_winners(app, node, &outgoing, &conflicts).await;
     drop(renewal);
     finish(app, node, &items, &reserved, accepted_ms, &conflicts).await;
-    answer(app, node, items)
+    Ok(items)
 }
 
 /// Each parsed item with the targets its type is routed to (or why it is not published).
@@ -200,7 +242,7 @@ async fn admit_ids(
     node: &str,
     items: &[Item],
     given: &[usize],
-) -> Result<Option<Admission>, Response> {
+) -> Result<Option<Admission>, Unavailable> {
     let to_publish = items.iter().filter(|i| i.publishing()).count();
     if to_publish == 0 {
         return Ok(None);
@@ -217,7 +259,7 @@ async fn admit_ids(
             let why = format!(
                 "the store (Redis) is unavailable ({e}); nothing was accepted, retry later"
             );
-            Err(error_response(StatusCode::SERVICE_UNAVAILABLE, why))
+            Err(Unavailable(why))
         }
     }
 }

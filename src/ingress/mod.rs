@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 mod accept;
 mod body;
+pub mod commerceml;
 mod inbox;
 
 pub use inbox::{get_inbox, post_inbox_ack, InboxQuery};

@@ -1,7 +1,9 @@
 //! The store: every fact about an object an operator may ask for (state per target,
 //! attempts, last error, history), idempotency keys, per-node sequence counters, the
-//! per-target delivery marks that make supersede-by-order work, the remap table and the
-//! state of objects in groups. Holds no messages.
+//! per-target delivery marks that make supersede-by-order work, the remap table, the
+//! state of objects in groups and the content hashes of CommerceML uploads (what each
+//! object of a source looked like when last accepted, so an unchanged one is not sent
+//! again). Holds no messages.
 //!
 //! This file is what the rest of lxbridge sees: the [`Store`] trait and the types it
 //! speaks in. Two backends implement it, each in its own module:
@@ -239,11 +241,31 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         items: &'a [(String, Option<String>, String)],
     ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
+    /// CommerceML uploads: the hash of the content each (type, ref) of `source` had when it
+    /// was last accepted (`None`: never, or forgotten), in the order of `keys`.
+    fn content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        keys: &'a [(&'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>>;
+    /// Remembers (type, ref, hash) of changes of `source` just accepted.
+    fn keep_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        entries: &'a [(&'a str, &'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Forgets every content hash of `source` (its next upload is delivered in full);
+    /// how many were forgotten.
+    fn forget_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 }
 
 /// What every store must do alike, run against each ([`sqlite`]'s tests and [`redis`]'s):
 /// the idempotency keys, the record rules (a status never goes backwards, `revive`, the
-/// bounded history, delivery marks), counters, the remap table and group compare-and-set.
+/// bounded history, delivery marks), counters, the remap table, group compare-and-set and
+/// the content hashes.
 #[cfg(test)]
 pub(crate) mod contract {
     use super::*;
@@ -386,5 +408,68 @@ pub(crate) mod contract {
             .await
             .unwrap();
         assert_eq!(loaded, [Some("b".to_string()), None]);
+
+        content_hashes(store).await;
+    }
+
+    /// The content hashes: kept and read per source in the order asked, overwritten,
+    /// forgotten all at once; empty slices do nothing.
+    async fn content_hashes(store: &dyn Store) {
+        let x = "Catalog.Номенклатура";
+        assert_eq!(
+            store.content_hashes("cml-a", &[(x, "n-1")]).await.unwrap(),
+            [None]
+        );
+        store
+            .keep_content_hashes("cml-a", &[(x, "n-1", "h1"), (x, "n-2", "h2")])
+            .await
+            .unwrap();
+        let asked = [(x, "n-2"), (x, "n-3"), (x, "n-1")];
+        let some = |h: &str| Some(h.to_string());
+        assert_eq!(
+            store.content_hashes("cml-a", &asked).await.unwrap(),
+            [some("h2"), None, some("h1")]
+        );
+        // The same ref under another type is another object.
+        assert_eq!(
+            store
+                .content_hashes("cml-a", &[("Catalog.Y", "n-1")])
+                .await
+                .unwrap(),
+            [None]
+        );
+        store
+            .keep_content_hashes("cml-a", &[(x, "n-1", "h1b")])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.content_hashes("cml-a", &asked).await.unwrap(),
+            [some("h2"), None, some("h1b")]
+        );
+
+        store
+            .keep_content_hashes("cml-b", &[(x, "n-1", "other")])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.content_hashes("cml-b", &asked).await.unwrap(),
+            [None, None, some("other")]
+        );
+
+        assert_eq!(store.forget_content_hashes("cml-a").await.unwrap(), 2);
+        assert_eq!(
+            store.content_hashes("cml-a", &asked).await.unwrap(),
+            [None, None, None]
+        );
+        assert_eq!(store.forget_content_hashes("cml-a").await.unwrap(), 0);
+        assert_eq!(
+            store.content_hashes("cml-b", &[(x, "n-1")]).await.unwrap(),
+            [some("other")],
+            "forgetting one source leaves the others"
+        );
+
+        assert!(store.content_hashes("cml-a", &[]).await.unwrap().is_empty());
+        store.keep_content_hashes("cml-a", &[]).await.unwrap();
+        assert_eq!(store.forget_content_hashes("cml-b").await.unwrap(), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! [`EmbeddedStore`]: the [`Store`] on the embedded database ([`crate::embedded::Db`]): the
 //! same facts, rules and expiry as [`RedisStore`](super::RedisStore) (whose Lua script this
 //! mirrors), in tables instead of keys. Expired rows are ignored when read and deleted by
-//! [`EmbeddedStore::expire`].
+//! [`EmbeddedStore::expire`]; `remap`, `counters` and `content_hashes` don't expire.
 
 use super::{
     Admission, HistoryEvent, IdState, Mark, MarkKey, ObjectView, Record, State, StatusUpdate,
@@ -550,6 +550,87 @@ impl Store for EmbeddedStore {
                         written.push(true);
                     }
                     Ok(written)
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        keys: &'a [(&'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>> {
+        let source = source.to_string();
+        let keys: Vec<(String, String)> = keys
+            .iter()
+            .map(|(kind, reference)| (kind.to_string(), reference.to_string()))
+            .collect();
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.db
+                .call(move |c| {
+                    let mut get = c.prepare_cached(
+                        "SELECT hash FROM content_hashes WHERE source = ?1 AND kind = ?2 AND ref = ?3",
+                    )?;
+                    keys.iter()
+                        .map(|(kind, reference)| {
+                            get.query_row(params![source, kind, reference], |r| r.get(0))
+                                .optional()
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn keep_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        entries: &'a [(&'a str, &'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let source = source.to_string();
+        let rows: Vec<(String, String, String)> = entries
+            .iter()
+            .map(|(kind, reference, hash)| {
+                (kind.to_string(), reference.to_string(), hash.to_string())
+            })
+            .collect();
+        Box::pin(async move {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            // One call: all the upserts in one transaction (the database thread's).
+            self.db
+                .call(move |c| {
+                    let mut put = c.prepare_cached(
+                        "INSERT INTO content_hashes (source, kind, ref, hash) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (source, kind, ref) DO UPDATE SET hash = excluded.hash",
+                    )?;
+                    for (kind, reference, hash) in &rows {
+                        put.execute(params![source, kind, reference, hash])?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn forget_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let source = source.to_string();
+        Box::pin(async move {
+            self.db
+                .call(move |c| {
+                    c.prepare_cached("DELETE FROM content_hashes WHERE source = ?1")?
+                        .execute([source])
+                        .map(|n| n as u64)
                 })
                 .await
                 .map_err(unavailable)

@@ -16,12 +16,15 @@
 //! - `r:<target>`      hash: `<type>\t<source ref>` → the target's ref (GUID remapping)
 //! - `g:<group>\t<type>\t<ref>` an object's state in a `[[group]]` (JSON the store does
 //!   not read; replaced by compare-and-set)
+//! - `cml:<source>`    hash: `<type>\u{1f}<ref>` → the hash of the content that object of a
+//!   CommerceML source had when last accepted (`hashes`); no expiry
 //!
 //! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, a first step to
 //! Cluster; today one script call records up to 200 objects at once, so a single Redis (or
 //! Sentinel) is what this store supports.
 
 mod connect;
+mod hashes;
 mod record;
 mod scripts;
 
@@ -503,6 +506,29 @@ impl Store for RedisStore {
                 .map_err(|e| self.failed(e))?;
             Ok(written.into_iter().map(|w| w == 1).collect())
         })
+    }
+
+    fn content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        keys: &'a [(&'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, StoreError>> {
+        self.timed(self.read_hashes(source, keys))
+    }
+
+    fn keep_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+        entries: &'a [(&'a str, &'a str, &'a str)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.timed(self.write_hashes(source, entries))
+    }
+
+    fn forget_content_hashes<'a>(
+        &'a self,
+        source: &'a str,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.timed(self.forget_hashes(source))
     }
 }
 
