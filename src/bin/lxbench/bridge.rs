@@ -49,7 +49,7 @@ fn embedded_dir(prefix: &str) -> std::path::PathBuf {
 }
 
 /// The backend sections of a config: RabbitMQ + Redis, or embedded.
-fn backend_toml(prefix: &str, args: &Args) -> String {
+pub(crate) fn backend_toml(prefix: &str, args: &Args) -> String {
     if args.backend == "embedded" {
         format!(
             "[embedded]\ndata_dir = {:?}\n",
@@ -104,14 +104,22 @@ pub(crate) struct Bridge {
 
 impl Bridge {
     pub(crate) async fn start(bin: &str, prefix: &str, sink: &str, args: &Args) -> Bridge {
+        Bridge::start_with(bin, prefix, |port| bridge_config(prefix, port, sink, args)).await
+    }
+
+    /// Starts lxbridge on a free port with the config `config(port)` gives.
+    pub(crate) async fn start_with(
+        bin: &str,
+        prefix: &str,
+        config: impl FnOnce(u16) -> String,
+    ) -> Bridge {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let config_path = std::env::temp_dir().join(format!("{prefix}.toml"));
-        std::fs::write(&config_path, bridge_config(prefix, port, sink, args))
-            .expect("write bench config");
+        std::fs::write(&config_path, config(port)).expect("write bench config");
         let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&config_path)
@@ -153,6 +161,16 @@ impl Bridge {
 }
 
 pub(crate) async fn cleanup(args: &Args, prefix: &str) {
+    cleanup_after(
+        args,
+        prefix,
+        &bridge_config(prefix, 0, "http://127.0.0.1:1", args),
+    )
+    .await
+}
+
+/// Removes what an lxbridge run with `config` left in RabbitMQ, Redis or its data folder.
+pub(crate) async fn cleanup_after(args: &Args, prefix: &str, config: &str) {
     if args.backend == "embedded" {
         let _ = std::fs::remove_dir_all(embedded_dir(prefix));
         return;
@@ -160,11 +178,8 @@ pub(crate) async fn cleanup(args: &Args, prefix: &str) {
     if let Ok(conn) = Connection::connect(&args.amqp, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             // What the bridge declared for the config it ran with, and the baseline's queue.
-            let config = lxbridge::config::Config::parse(
-                &bridge_config(prefix, 0, "http://127.0.0.1:1", args),
-                "bench",
-            )
-            .expect("the bench config parses");
+            let config =
+                lxbridge::config::Config::parse(config, "bench").expect("the bench config parses");
             let (exchanges, mut queues) = lxbridge::broker::declared_names(&config);
             queues.push(format!("{prefix}.baseline"));
             for x in exchanges {

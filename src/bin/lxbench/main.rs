@@ -14,16 +14,18 @@
 //!
 //! The parts: `throughput` (the sink, posting, the figures of a scenario), `bridge`
 //! (starting, stopping and cleaning up after an lxbridge), `baseline` (raw RabbitMQ),
-//! `pull` (`--pull-latency`), `transform` (`--transform`).
+//! `pull` (`--pull-latency`), `transform` (`--transform`), `commerceml` (`--commerceml`).
 
 mod baseline;
 mod bridge;
+mod commerceml;
 mod pull;
 mod throughput;
 mod transform;
 
 use baseline::run_baseline;
 use clap::Parser;
+use commerceml::commerceml_bench;
 use pull::pull_latency;
 use serde_json::{json, Value};
 use throughput::run_bridge;
@@ -65,6 +67,13 @@ struct Args {
     /// Measure how soon a long-polling pull node gets a change after it was posted.
     #[arg(long)]
     pull_latency: bool,
+    /// Upload a synthetic CommerceML catalog as 1C's site exchange does, until every element
+    /// arrived at a push sink (elements/s, peak RSS).
+    #[arg(long)]
+    commerceml: bool,
+    /// The size of that catalog in MB.
+    #[arg(long, default_value_t = 100)]
+    cml_mb: usize,
     /// Measure the transform cost per change instead (no broker needed).
     #[arg(long)]
     transform: bool,
@@ -162,6 +171,10 @@ async fn main() {
     }
     if args.transform {
         transform_bench(&args);
+        return;
+    }
+    if args.commerceml {
+        commerceml_bench(&args).await;
         return;
     }
     if !args.all {
