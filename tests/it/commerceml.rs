@@ -450,6 +450,23 @@ struct Setup {
     _dir_removed: RemoveOnDrop,
 }
 
+/// The `.xml` files anywhere under `dir`.
+fn xml_files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "xml") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 /// Removes a test's session folder (and its embedded data folder) even when it fails.
 struct RemoveOnDrop(Vec<PathBuf>);
 
@@ -640,6 +657,11 @@ async fn full_exchange_delivers_every_element_once_with_its_data(backend: Backen
         );
     }
     assert_arrived_once(&setup.shop, &expected, "ut", "import0_1 + offers0_1").await;
+    let left = xml_files_under(&setup.dir);
+    assert!(
+        left.is_empty(),
+        "keep_files = 0s: imported files removed, left {left:?}"
+    );
 
     // The objects API: a product's history (accepted from ut, delivered to the shop).
     let product = expected
@@ -769,6 +791,20 @@ async fn same_catalog_again_is_unchanged_and_one_edit_delivers_one_product(backe
         delivered,
         "an unchanged element is not delivered again"
     );
+    let metrics = reqwest::get(format!("http://{}/metrics", setup.bridge.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (outcome, n) in [("accepted", expected.len()), ("unchanged", expected.len())] {
+        let series = format!("lx_commerceml_elements_total{{node=\"ut\",outcome=\"{outcome}\"}}");
+        assert_eq!(
+            crate::store_loss::metric(&metrics, &series),
+            n as f64,
+            "{series}"
+        );
+    }
     for sample in [
         expected
             .iter()
@@ -1113,17 +1149,35 @@ async fn orders_are_served_to_query_until_success_and_1c_orders_are_imported(bac
         }
     }
 
-    // 1C's own orders (a Bitrix-made file, windows-1251) uploaded and imported: one change
-    // per Документ at the shop.
+    // 1C's own orders (a Bitrix-made file, windows-1251) uploaded: one change per Документ
+    // at the shop. 1C's older flow never asks `import`: the part that makes the file whole
+    // is answered only once every order in it was accepted; the newer flow's `import` after
+    // it gets the same answer and publishes nothing again.
     let bitrix = fixture("bitrix-query-response-full.xml");
     let expected = elements_of(&bitrix, "bitrix orders");
     let mut sale = setup.site();
     sale.checkauth("sale").await;
-    sale.init("sale").await;
-    sale.upload("sale", "orders-2d1b.xml", &bitrix, FILE_LIMIT)
-        .await;
+    let (zip, _) = sale.init("sale").await;
+    assert!(
+        !zip,
+        "a sale exchange is told zip=no, so a whole file can be told"
+    );
+    let part = bitrix.len() / 2 + 1;
+    let (first, last) = bitrix.split_at(part);
+    sale.upload("sale", "orders-2d1b.xml", first, part).await;
+    let whole = sale.post_file("sale", "orders-2d1b.xml", last).await;
+    let text = whole.text();
+    assert_eq!(
+        (whole.status, whole.first_line().as_str()),
+        (200, "success"),
+        "{text:?}"
+    );
+    assert!(mentions_number(&text, expected.len()), "{text:?}");
     let answer = sale.import_ok("sale", "orders-2d1b.xml").await;
-    assert!(mentions_number(&answer, expected.len()), "{answer:?}");
+    assert_eq!(
+        answer, text,
+        "mode=import after the whole file answers alike"
+    );
     assert_arrived_once(&setup.shop, &expected, "ut", "1C's orders").await;
     setup.finish().await;
 }
@@ -1259,6 +1313,17 @@ async fn bad_input_is_answered_failure_and_skipped_elements_are_listed(backend: 
     assert!(
         events(&object).iter().any(|(_, event)| event == "rejected"),
         "history of the file name has `rejected`: {object}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", setup.bridge.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = r#"lx_commerceml_elements_total{node="ut",outcome="rejected"}"#;
+    assert!(
+        crate::store_loss::metric(&metrics, series) >= 1.0,
+        "{series}"
     );
 
     // init starts the exchange afresh: what was uploaded before it is gone.

@@ -332,7 +332,7 @@ async fn json_of(resp: reqwest::Response) -> (u16, Value) {
 }
 
 /// The value of a metric line (labels exactly as rendered), 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
+pub(crate) fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| {
             l.strip_prefix(series)?

@@ -62,16 +62,36 @@ impl JobState {
     }
 }
 
-/// `mode=import&filename=<name>` in `session`.
+/// `mode=import&filename=<name>` in `session`, answering `progress` after `import_wait`.
 pub async fn import(app: &Arc<AppState>, node: &str, session: &Session, name: &str) -> Answer {
-    let file = match super::session::safe_name(name) {
-        Ok(file) => file,
-        Err(bad) => return Answer::failure(bad.russian(name)).logged(node, bad.english(name)),
-    };
     let cml = app.config.node(node).and_then(|n| n.commerceml.clone());
     let wait = cml
         .map(|c| c.import_wait.0)
         .unwrap_or(Duration::from_secs(2));
+    import_within(app, node, session, name, wait).await
+}
+
+/// The import of `name` until it ends: its `success` or `failure`.
+pub async fn import_to_end(
+    app: &Arc<AppState>,
+    node: &str,
+    session: &Session,
+    name: &str,
+) -> Answer {
+    import_within(app, node, session, name, PATIENCE + STALE + BEAT).await
+}
+
+async fn import_within(
+    app: &Arc<AppState>,
+    node: &str,
+    session: &Session,
+    name: &str,
+    wait: Duration,
+) -> Answer {
+    let file = match super::session::safe_name(name) {
+        Ok(file) => file,
+        Err(bad) => return Answer::failure(bad.russian(name)).logged(node, bad.english(name)),
+    };
     let state_file = session
         .jobs()
         .join(format!("{}.json", hex(&digest(name.as_bytes())[..8])));
@@ -340,6 +360,7 @@ impl Job {
                 }
                 Err(ReadError::Element(e)) => {
                     records.push(self.event(&self.name, "rejected", e.to_string()));
+                    self.count("rejected", 1);
                     self.tally.unreadable.push((e.to_string(), e.russian()));
                 }
             }
@@ -452,10 +473,12 @@ impl Job {
                 match verdict {
                     Verdict::Accepted => {
                         self.tally.accepted += 1;
+                        self.count("accepted", 1);
                         kept.push(hashed);
                     }
                     Verdict::Duplicate => {
                         self.tally.duplicate += 1;
+                        self.count("duplicate", 1);
                         kept.push(hashed);
                     }
                     Verdict::Unroutable => {
@@ -468,7 +491,6 @@ impl Job {
                     }
                 }
             }
-            self.count("accepted", kept.len() as u64);
             self.keep(&kept).await;
             pending = retry;
             if let Some(why) = refused {

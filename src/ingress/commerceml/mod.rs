@@ -7,7 +7,8 @@
 //! - `file` appends the body to the named file (sub-folders kept, [`session::safe_name`]),
 //!   within the session's size limit;
 //! - `import` reads a file into changes ([`import`]), unpacking zips first ([`unzip`]);
-//! - `type=sale`: `query` and `success` serve and confirm the node's orders ([`sale`]).
+//! - `type=sale`: `query` and `success` serve and confirm the node's orders, and a whole
+//!   order file is imported on `file` already, for 1C's older flow ([`sale`]).
 //!
 //! Every answer but `init`'s and `query`'s has `success`, `progress` or `failure` as its first
 //! line ([`answer`]), then Russian text for the 1C user; lxbridge logs the same in English.
@@ -121,7 +122,7 @@ async fn exchange(
     let node_dir = app.config.commerceml_dir(&cml).join(node);
     let mode = params.mode.as_deref().unwrap_or("");
     if mode == "checkauth" {
-        return checkauth(node, &token, &node_dir, headers).into_response();
+        return checkauth(node, &token, &node_dir, headers, cml.keep_files.0).into_response();
     }
     let session = match session_of(node, &token, &node_dir, headers) {
         Ok(session) => session,
@@ -129,9 +130,14 @@ async fn exchange(
     };
     session.touch();
     match (params.kind.as_deref().unwrap_or("catalog"), mode) {
-        (_, "init") => init(node, &session, &cml),
+        (kind, "init") => init(node, &session, &cml, kind == "sale"),
+        ("sale", "file") => match file(app, node, &session, &cml, params, body).await {
+            Ok(name) => sale::file(app, node, &session, &name).await.into_response(),
+            Err(answer) => answer.into_response(),
+        },
         (_, "file") => file(app, node, &session, &cml, params, body)
             .await
+            .map_or_else(|answer| answer, |_| Answer::success(""))
             .into_response(),
         (_, "import") => match params.filename.as_deref() {
             Some(name) => import::import(app, node, &session, name)
@@ -159,15 +165,21 @@ fn unauthorised(lines: &str) -> Answer {
     answer
 }
 
-fn checkauth(node: &str, token: &str, node_dir: &std::path::Path, headers: &HeaderMap) -> Answer {
+/// `mode=checkauth`; sessions idle for an hour (or `keep`, if longer) are swept first.
+fn checkauth(
+    node: &str,
+    token: &str,
+    node_dir: &std::path::Path,
+    headers: &HeaderMap,
+    keep: std::time::Duration,
+) -> Answer {
     if !credentials_ok(node, token, headers) {
         return unauthorised(&format!(
             "неверный логин или пароль: пользователь — имя узла «{node}», пароль — его token"
         ))
         .logged(node, "checkauth: wrong or missing Basic credentials");
     }
-    let idle = session::SESSION_IDLE;
-    session::sweep(node_dir, idle);
+    session::sweep(node_dir, session::SESSION_IDLE.max(keep));
     match Session::start(node_dir) {
         Ok(session) => Answer::success(format!(
             "{}\n{}\nsessid={}\ntimestamp={}",
@@ -227,7 +239,9 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-fn init(node: &str, session: &Session, cml: &CommerceMlConfig) -> Response {
+/// `mode=init`. A sale exchange is told `zip=no`: its order files are small, and with no
+/// archive `mode=file` can tell when a file is whole (1C's older flow never asks `import`).
+fn init(node: &str, session: &Session, cml: &CommerceMlConfig, sale: bool) -> Response {
     if let Err(e) = session.reset() {
         return Answer::failure("не удалось начать обмен на сервере lxbridge")
             .logged(
@@ -236,7 +250,7 @@ fn init(node: &str, session: &Session, cml: &CommerceMlConfig) -> Response {
             )
             .into_response();
     }
-    let zip = if cml.zip { "yes" } else { "no" };
+    let zip = if cml.zip && !sale { "yes" } else { "no" };
     let mut response = format!("zip={zip}\nfile_limit={}", cml.file_limit).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -245,7 +259,7 @@ fn init(node: &str, session: &Session, cml: &CommerceMlConfig) -> Response {
     response
 }
 
-/// `mode=file`: the body appended to the named file, within the session's limit.
+/// `mode=file`: the body appended to the named file, within the session's limit; the name.
 async fn file(
     app: &AppState,
     node: &str,
@@ -253,17 +267,17 @@ async fn file(
     cml: &CommerceMlConfig,
     params: &Params,
     body: Body,
-) -> Answer {
+) -> Result<String, Answer> {
     let name = params.filename.as_deref().unwrap_or("");
     let relative = match session::safe_name(name) {
         Ok(relative) => relative,
-        Err(bad) => return Answer::failure(bad.russian(name)).logged(node, bad.english(name)),
+        Err(bad) => return Err(Answer::failure(bad.russian(name)).logged(node, bad.english(name))),
     };
     let path = session.files().join(relative);
     let part_max = cml.file_limit.max(app.config.server.max_body_bytes) as u64;
     match append(session, &path, body, cml.session_limit, part_max).await {
-        Ok(()) => Answer::success(""),
-        Err((english, russian)) => Answer::failure(russian).logged(node, english),
+        Ok(()) => Ok(name.to_string()),
+        Err((english, russian)) => Err(Answer::failure(russian).logged(node, english)),
     }
 }
 

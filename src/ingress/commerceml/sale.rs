@@ -12,6 +12,7 @@ use crate::AppState;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long the instance serving the inbox may take to answer.
@@ -118,4 +119,42 @@ pub async fn success(app: &AppState, node: &str, session: &Session) -> Answer {
         node,
         format!("mode=success: the inbox answered {}: {why}", reply.status),
     )
+}
+
+/// `type=sale&mode=file`, after the part was appended: a file that is whole (its root element
+/// closed) is imported now, as 1C's older flow expects, and `success` waits for every order
+/// in it to be accepted; a later `mode=import` of it (the newer flow) gets the same answer.
+/// A file not yet whole was only a part: `success`, the next part follows.
+pub async fn file(app: &Arc<AppState>, node: &str, session: &Session, name: &str) -> Answer {
+    let path = match super::session::safe_name(name) {
+        Ok(relative) => session.files().join(relative),
+        Err(bad) => return Answer::failure(bad.russian(name)).logged(node, bad.english(name)),
+    };
+    if !whole(&path) {
+        return Answer::success("");
+    }
+    super::import::import_to_end(app, node, session, name).await
+}
+
+/// Whether an XML file ends with the closing tag of `КоммерческаяИнформация` (in UTF-8 or
+/// windows-1251, the encodings 1C writes), trailing whitespace aside.
+fn whole(path: &std::path::Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 256;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(TAIL)))
+        .is_err()
+        || file.read_to_end(&mut tail).is_err()
+    {
+        return false;
+    }
+    let end = tail.trim_ascii_end();
+    let close = "</КоммерческаяИнформация>";
+    let (cp1251, _, _) = encoding_rs::WINDOWS_1251.encode(close);
+    end.ends_with(close.as_bytes()) || end.ends_with(&cp1251)
 }
