@@ -5,7 +5,7 @@
 
 use super::{
     type_pattern_problem, valid_node_name, CommerceMlConfig, Config, DeliverConfig, DeliverMode,
-    GroupConfig, RouteConfig, TlsFiles, MAX_PARTITIONS,
+    Format, GroupConfig, RouteConfig, TlsFiles, MAX_PARTITIONS,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -161,6 +161,15 @@ impl Config {
             if let Some(cml) = &node.commerceml {
                 let at = format!("node {:?} commerceml", node.name);
                 commerceml_problems(&at, cml, problems);
+                if node
+                    .deliver
+                    .as_ref()
+                    .is_some_and(|d| d.format == Format::Xdto)
+                {
+                    problems.push(format!(
+                        "{at}: mode=query writes the orders as CommerceML; format = \"1c-xdto\" in [node.deliver] cannot be served"
+                    ));
+                }
             }
         }
     }
@@ -370,7 +379,7 @@ mod tests {
         let text = format!(
             "[broker]\n{broker}\n[store]\n{store}\n[[node]]\nname = \"a\"\ntoken = \"t\"\n"
         );
-        Config::parse(&text, "t").expect("parses").validate()
+        problems_of(&text)
     }
 
     #[test]
@@ -462,9 +471,14 @@ mod tests {
         );
     }
 
+    /// The problems `validate` finds in a config that parses.
+    fn problems_of(toml: &str) -> Vec<String> {
+        Config::parse(toml, "t").expect("parses").validate()
+    }
+
     #[test]
     fn validate_reports_every_problem() {
-        let config = Config::parse(
+        let problems = problems_of(
             r#"
 [[node]]
 name = "a"
@@ -482,10 +496,7 @@ from = "a"
 to = ["nowhere"]
 types = ["Catalog.Prod*"]
 "#,
-            "t",
-        )
-        .unwrap();
-        let problems = config.validate();
+        );
         assert_problems(
             &problems,
             &[
@@ -499,8 +510,35 @@ types = ["Catalog.Prod*"]
     }
 
     #[test]
+    fn commerceml_limits_are_checked() {
+        let problems = problems_of(
+            r#"
+[[node]]
+name = "ut"
+token = "t"
+deliver = { mode = "pull", format = "1c-xdto" }
+[node.commerceml]
+file_limit = 100
+session_limit = 50
+import_wait = "61s"
+dir = ""
+"#,
+        );
+        assert_problems(
+            &problems,
+            &[
+                "file_limit must be between 1024",
+                "session_limit must be at least file_limit",
+                "import_wait must be between 1ms and 60s",
+                "dir must not be empty",
+                "format = \"1c-xdto\" in [node.deliver] cannot be served",
+            ],
+        );
+    }
+
+    #[test]
     fn groups_are_checked_member_by_member() {
-        let config = Config::parse(
+        let problems = problems_of(
             r#"
 [[node]]
 name = "a"
@@ -518,10 +556,7 @@ max_hops = 0
 name = "g"
 nodes = ["a"]
 "#,
-            "t",
-        )
-        .unwrap();
-        let problems = config.validate();
+        );
         assert_problems(
             &problems,
             &[
