@@ -53,6 +53,7 @@
 //! answers 1C's `type=sale&mode=query`, in UTF-8 or windows-1251; what it writes reads back
 //! alike.
 
+pub mod package;
 pub mod read;
 pub mod write;
 

@@ -90,13 +90,22 @@ pub fn documents(items: &[Written<'_>], formed: &str, encoding: &'static Encodin
 }
 
 /// Appends elements to `out`, leaving out the names `encoding` can't spell.
-struct Writer<'o> {
-    out: &'o mut String,
-    encoding: &'static Encoding,
+pub(super) struct Writer<'o> {
+    pub(super) out: &'o mut String,
+    pub(super) encoding: &'static Encoding,
+}
+
+/// How a [`Written`] that is deleted (and whose data doesn't say so) is marked.
+#[derive(Clone, Copy)]
+pub(super) enum Mark {
+    /// `<ПометкаУдаления>true</ПометкаУдаления>` last, as 1C marks an order document.
+    Child,
+    /// `Статус="Удален"`, as 1C marks a product of its catalog.
+    Attribute,
 }
 
 impl Writer<'_> {
-    fn element(&mut self, name: &str, value: &Value) {
+    pub(super) fn element(&mut self, name: &str, value: &Value) {
         if !self.fits(name) {
             return;
         }
@@ -122,14 +131,36 @@ impl Writer<'_> {
 
     /// One `Документ` of [`documents`].
     fn document(&mut self, item: &Written<'_>) {
-        const NAME: &str = "Документ";
+        self.item("Документ", item, Mark::Child, &mut |_| {});
+    }
+
+    /// `item` as the element `name`: `<Ид>` first when its data has none, its data, then
+    /// what `inner` writes (nested elements), and its deletion mark unless the data has one.
+    pub(super) fn item(
+        &mut self,
+        name: &str,
+        item: &Written<'_>,
+        mark: Mark,
+        inner: &mut dyn FnMut(&mut Writer<'_>),
+    ) {
         let empty = Map::new();
         let (fields, text) = match item.data {
             Some(Value::Object(fields)) => (fields, None),
             Some(Value::Null) | None => (&empty, None),
             Some(other) => (&empty, Some(other)),
         };
-        let start = self.open(NAME, fields);
+        let says_deleted = ["@Статус", "Статус", "ПометкаУдаления"]
+            .iter()
+            .any(|k| fields.contains_key(*k));
+        let marked = item.deleted && !says_deleted;
+        let start = match mark {
+            Mark::Attribute if marked => {
+                let mut with_status = fields.clone();
+                with_status.insert("@Статус".into(), Value::String("Удален".into()));
+                self.open(name, &with_status)
+            }
+            _ => self.open(name, fields),
+        };
         if !fields.contains_key("Ид") {
             self.element("Ид", &Value::String(item.reference.to_owned()));
         }
@@ -138,10 +169,11 @@ impl Writer<'_> {
         }
         self.text(fields);
         self.children(fields);
-        if item.deleted && !fields.contains_key("ПометкаУдаления") {
+        inner(self);
+        if marked && matches!(mark, Mark::Child) {
             self.element("ПометкаУдаления", &Value::String("true".into()));
         }
-        self.close(NAME, start);
+        self.close(name, start);
     }
 
     /// `<name` and the `"@x"` fields as attributes, then `>`: the length of `out` before

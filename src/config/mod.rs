@@ -212,10 +212,10 @@ impl Config {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// Nodes that receive changes by push, in config order.
+    /// Nodes that receive changes by push (JSON or CommerceML), in config order.
     pub fn push_targets(&self) -> impl Iterator<Item = (&NodeConfig, &DeliverConfig)> {
         self.nodes.iter().filter_map(|n| match &n.deliver {
-            Some(d) if d.mode == DeliverMode::Push => Some((n, d)),
+            Some(d) if d.mode != DeliverMode::Pull => Some((n, d)),
             _ => None,
         })
     }

@@ -76,6 +76,8 @@ fn default_import_wait() -> Duration {
 pub enum DeliverMode {
     Push,
     Pull,
+    /// Delivered to a site's CommerceML endpoint as 1C's site exchange does.
+    Commerceml,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +113,31 @@ pub struct DeliverConfig {
     /// `target_ref` the target answers.
     #[serde(default)]
     pub remap: bool,
+    /// `mode = "commerceml"`: ask the site for its orders this often.
+    pub orders: Option<Duration>,
+    /// `mode = "commerceml"`, extension: the most `progress` answers to one file's import.
+    #[serde(default = "default_import_rounds")]
+    pub import_rounds: u32,
+    /// `mode = "commerceml"`, extension: the most time one file's import rounds may take.
+    #[serde(default = "default_import_time")]
+    pub import_time: Duration,
+    /// `mode = "commerceml"`, extension: the `Ид` of the `Каталог` (and `ИдКаталога`) the
+    /// packages carry; a site keys its catalog by it.
+    #[serde(default = "default_catalog_id")]
+    pub catalog_id: String,
+    /// `mode = "commerceml"`, extension: the `Ид` of the `Классификатор`.
+    #[serde(default = "default_catalog_id")]
+    pub classifier_id: String,
+}
+
+fn default_import_rounds() -> u32 {
+    1000
+}
+fn default_import_time() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_catalog_id() -> String {
+    "lxbridge".into()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -282,9 +282,15 @@ impl Config {
 
 /// A `[node.deliver]` section (`at` names it): a push URL, and its limits.
 fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) {
+    let mode = match deliver.mode {
+        DeliverMode::Push => "push",
+        DeliverMode::Commerceml => "commerceml",
+        DeliverMode::Pull => "pull",
+    };
     match (deliver.mode, &deliver.url) {
-        (DeliverMode::Push, None) => problems.push(format!("{at}: mode \"push\" needs a url")),
-        (DeliverMode::Push, Some(url)) => {
+        (DeliverMode::Pull, _) => {}
+        (_, None) => problems.push(format!("{at}: mode \"{mode}\" needs a url")),
+        (_, Some(url)) => {
             if reqwest::Url::parse(url)
                 .map(|u| !matches!(u.scheme(), "http" | "https") || !u.has_host())
                 .unwrap_or(true)
@@ -294,7 +300,11 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
                 ));
             }
         }
-        (DeliverMode::Pull, _) => {}
+    }
+    if deliver.mode == DeliverMode::Commerceml {
+        site_problems(at, deliver, problems);
+    } else if deliver.orders.is_some() {
+        problems.push(format!("{at}: orders is for mode \"commerceml\" only"));
     }
     if deliver.batch_max == 0 || deliver.batch_max > 10_000 {
         problems.push(format!("{at}: batch_max must be between 1 and 10000"));
@@ -304,6 +314,34 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
     }
     if deliver.timeout.0.is_zero() {
         problems.push(format!("{at}: timeout must be greater than 0"));
+    }
+}
+
+/// The keys of a `mode = "commerceml"` delivery.
+fn site_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) {
+    if deliver
+        .orders
+        .is_some_and(|o| o.0 < std::time::Duration::from_secs(1))
+    {
+        problems.push(format!("{at}: orders must be at least 1s"));
+    }
+    if deliver.import_rounds == 0 || deliver.import_time.0.is_zero() {
+        problems.push(format!(
+            "{at}: import_rounds and import_time must be greater than 0"
+        ));
+    }
+    for (key, id) in [
+        ("catalog_id", &deliver.catalog_id),
+        ("classifier_id", &deliver.classifier_id),
+    ] {
+        if id.trim().is_empty() {
+            problems.push(format!("{at}: {key} must not be empty"));
+        }
+    }
+    if deliver.format == Format::Xdto {
+        problems.push(format!(
+            "{at}: mode \"commerceml\" writes CommerceML; format = \"1c-xdto\" cannot be sent"
+        ));
     }
 }
 
