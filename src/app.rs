@@ -236,6 +236,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         shutdown: tasks.shutdown.clone(),
     });
     spawn_queue_depths(&state, tasks.shutdown.clone(), &tasks.broker);
+    crate::deliver::site::orders::start(&state, tasks.shutdown.clone(), &tasks.deliveries);
     let shutdown = tasks.shutdown.clone();
     let done = tokio::spawn(serve(listener, state.clone(), tasks, backend.db));
     log_listening(&config, addr);

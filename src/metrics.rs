@@ -13,6 +13,8 @@ pub struct Metrics {
     pub ingress_requests: IntCounterVec,
     pub commerceml_requests: IntCounterVec,
     pub commerceml_elements: IntCounterVec,
+    pub commerceml_order_rounds: IntCounterVec,
+    pub commerceml_orders: IntCounterVec,
     pub changes_accepted: IntCounterVec,
     pub changes_rejected: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -130,6 +132,18 @@ impl Metrics {
                 &r,
                 "lx_commerceml_elements_total",
                 "Elements of imported CommerceML files by node and outcome (accepted, unchanged, duplicate, unroutable, rejected)",
+                &["node", "outcome"],
+            ),
+            commerceml_order_rounds: counter_vec(
+                &r,
+                "lx_commerceml_order_rounds_total",
+                "Rounds of fetching a CommerceML site's orders by node and result (ok, failed)",
+                &["node", "result"],
+            ),
+            commerceml_orders: counter_vec(
+                &r,
+                "lx_commerceml_orders_total",
+                "Orders fetched from CommerceML sites by node and outcome (accepted, unchanged, rejected)",
                 &["node", "outcome"],
             ),
             changes_accepted: counter_vec(

@@ -34,6 +34,7 @@ pub mod pull;
 pub mod push;
 mod settle;
 pub mod shape;
+pub mod site;
 
 pub use marks::SeenMarks;
 pub use push::{announce, PushTarget};

@@ -2,9 +2,10 @@
 //! (docs/api.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
+use super::site::{Sent, Site};
 use super::{Answer, Batch, Core, DeliverError, Item};
 use crate::broker::Incoming;
-use crate::config::{Auth, DeliverConfig};
+use crate::config::{Auth, DeliverConfig, DeliverMode};
 use crate::model::{OutgoingChange, StoredChange};
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
@@ -27,6 +28,8 @@ pub struct PushTarget {
     pub client: reqwest::Client,
     pub core: Core,
     breaker: Breaker,
+    /// `mode = "commerceml"`: the site the batches go to as packages, instead of JSON.
+    site: Option<Site>,
 }
 impl PushTarget {
     pub fn new(d: &DeliverConfig, core: Core) -> Result<PushTarget, DeliverError> {
@@ -36,6 +39,10 @@ impl PushTarget {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| DeliverError::Client(e.to_string()))?;
+        let site = match d.mode {
+            DeliverMode::Commerceml => Some(Site::new(&core.name, d)?),
+            _ => None,
+        };
         Ok(PushTarget {
             name: core.name.clone(),
             url: d.url.clone().unwrap_or_default(),
@@ -43,8 +50,10 @@ impl PushTarget {
             batch_max: d.batch_max,
             timeout: d.timeout.0,
             gzip: d.gzip,
-            concurrency: d.concurrency,
+            // A site takes one exchange at a time (init wipes what it was sent).
+            concurrency: if site.is_some() { 1 } else { d.concurrency },
             client,
+            site,
             breaker: Breaker::new(metrics.breaker_open.clone()),
             core,
         })
@@ -168,7 +177,10 @@ impl PushTarget {
                 }
                 self.core.metrics.inflight.add(send.len() as i64);
                 let started = Instant::now();
-                let answer = self.post(&send).await;
+                let answer = match &self.site {
+                    Some(site) => sent(site.send(&send).await),
+                    None => self.post(&send).await,
+                };
                 self.core
                     .metrics
                     .duration
@@ -249,6 +261,15 @@ impl PushTarget {
             });
         }
         Ok(super::parse_answer(&text))
+    }
+}
+
+/// A site's package outcome as a batch's.
+fn sent(outcome: Sent) -> Result<Answer, SendError> {
+    match outcome {
+        Sent::Delivered(answer) => Ok(answer),
+        Sent::Unreachable(why) => Err(SendError::Unreachable(why)),
+        Sent::Refused(why) => Err(SendError::Refused(why)),
     }
 }
 
@@ -357,7 +378,7 @@ impl Breaker {
         true
     }
 }
-fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+pub(super) fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
         format!("target did not answer within {}s", timeout.as_secs_f64())
     } else if e.is_connect() {

@@ -20,6 +20,13 @@ pub(crate) struct Answer {
     target_refs: HashMap<String, String>,
 }
 
+impl Answer {
+    /// Records change `id` as refused by the target with `error` (retried or not).
+    pub(crate) fn refuse(&mut self, id: &str, error: String, retry: bool) {
+        self.errors.insert(id.to_string(), (error, retry));
+    }
+}
+
 /// Reads a target's answer body (docs/api.md "Delivering to a push node": optional `results`);
 /// anything else counts as "all delivered".
 pub(crate) fn parse_answer(body: &[u8]) -> Answer {

@@ -15,7 +15,7 @@ use axum::response::Response;
 use base64::Engine;
 use std::sync::Arc;
 
-mod accept;
+pub(crate) mod accept;
 mod body;
 pub mod commerceml;
 mod inbox;

@@ -523,14 +523,16 @@ impl Job {
 }
 
 /// A change of an element with the hash of its content.
-struct Hashed {
-    kind: &'static str,
-    hash: String,
-    change: Change,
+pub(crate) struct Hashed {
+    pub(crate) kind: &'static str,
+    pub(crate) hash: String,
+    pub(crate) change: Change,
 }
 
 impl Hashed {
-    fn of(element: Element, formed: &str) -> Hashed {
+    /// The change of `element`, its id from `formed` (the file's ДатаФормирования) and the
+    /// content, so that the same file read twice gives the same ids.
+    pub(crate) fn of(element: Element, formed: &str) -> Hashed {
         let content = serde_json::to_vec(&element.data).expect("data serialises");
         let mut bytes = Vec::with_capacity(content.len() + 128);
         for part in [

@@ -20,6 +20,7 @@ mod session;
 mod unzip;
 
 pub use answer::Status;
+pub(crate) use import::Hashed;
 pub use import::Imports;
 
 use crate::config::CommerceMlConfig;
