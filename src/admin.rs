@@ -312,15 +312,18 @@ pub async fn forget_commerceml_hashes(
     if let Some(r) = check_admin(&app, &headers) {
         return r;
     }
-    if app
-        .config
-        .node(&node)
-        .and_then(|n| n.commerceml.as_ref())
-        .is_none()
-    {
+    let talks_commerceml = app.config.node(&node).is_some_and(|n| {
+        n.commerceml.is_some()
+            || n.deliver
+                .as_ref()
+                .is_some_and(|d| d.mode == crate::config::DeliverMode::Commerceml)
+    });
+    if !talks_commerceml {
         return error_response(
             StatusCode::NOT_FOUND,
-            format!("node {node:?} has no [node.commerceml]"),
+            format!(
+                "node {node:?} has no [node.commerceml] and is not a mode = \"commerceml\" site"
+            ),
         );
     }
     match app.store.forget_content_hashes(&node).await {

@@ -11,10 +11,7 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub ingress_requests: IntCounterVec,
-    pub commerceml_requests: IntCounterVec,
-    pub commerceml_elements: IntCounterVec,
-    pub commerceml_order_rounds: IntCounterVec,
-    pub commerceml_orders: IntCounterVec,
+    pub commerceml: CommerceMlMetrics,
     pub changes_accepted: IntCounterVec,
     pub changes_rejected: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -100,6 +97,46 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+/// The CommerceML exchanges' metrics: lxbridge as a site (requests, elements) and as 1C
+/// (order rounds, orders).
+pub struct CommerceMlMetrics {
+    pub requests: IntCounterVec,
+    pub elements: IntCounterVec,
+    pub order_rounds: IntCounterVec,
+    pub orders: IntCounterVec,
+}
+
+impl CommerceMlMetrics {
+    fn new(r: &Registry) -> CommerceMlMetrics {
+        CommerceMlMetrics {
+        requests: counter_vec(
+            r,
+            "lx_commerceml_requests_total",
+            "CommerceML exchange requests by node, mode and the answer's first line",
+            &["node", "mode", "status"],
+        ),
+        elements: counter_vec(
+            r,
+            "lx_commerceml_elements_total",
+            "Elements of imported CommerceML files by node and outcome (accepted, unchanged, duplicate, unroutable, rejected)",
+            &["node", "outcome"],
+        ),
+        order_rounds: counter_vec(
+            r,
+            "lx_commerceml_order_rounds_total",
+            "Rounds of fetching a CommerceML site's orders by node and result (ok, failed)",
+            &["node", "result"],
+        ),
+        orders: counter_vec(
+            r,
+            "lx_commerceml_orders_total",
+            "Orders fetched from CommerceML sites by node and outcome (accepted, unchanged, rejected)",
+            &["node", "outcome"],
+        ),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -122,30 +159,7 @@ impl Metrics {
                 "Ingress HTTP requests by source node and status code",
                 &["node", "code"],
             ),
-            commerceml_requests: counter_vec(
-                &r,
-                "lx_commerceml_requests_total",
-                "CommerceML exchange requests by node, mode and the answer's first line",
-                &["node", "mode", "status"],
-            ),
-            commerceml_elements: counter_vec(
-                &r,
-                "lx_commerceml_elements_total",
-                "Elements of imported CommerceML files by node and outcome (accepted, unchanged, duplicate, unroutable, rejected)",
-                &["node", "outcome"],
-            ),
-            commerceml_order_rounds: counter_vec(
-                &r,
-                "lx_commerceml_order_rounds_total",
-                "Rounds of fetching a CommerceML site's orders by node and result (ok, failed)",
-                &["node", "result"],
-            ),
-            commerceml_orders: counter_vec(
-                &r,
-                "lx_commerceml_orders_total",
-                "Orders fetched from CommerceML sites by node and outcome (accepted, unchanged, rejected)",
-                &["node", "outcome"],
-            ),
+            commerceml: CommerceMlMetrics::new(&r),
             changes_accepted: counter_vec(
                 &r,
                 "lx_changes_accepted_total",

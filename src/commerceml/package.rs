@@ -6,7 +6,7 @@
 //!
 //! Groups are nested as 1C nests them when a group's parent (`"ИдРодителя"`) is in the same
 //! file, else written at the top with their `ИдРодителя`. A deleted element whose data has no
-//! mark gets `Статус="Удален"`, as 1C marks a product it deleted. The offers' package names
+//! mark gets `<Статус>Удален</Статус>`, the mark sites' importers look for. The offers' package names
 //! the price types and warehouses its offers use (`ТипыЦен`, `Склады`: their `Ид` as their
 //! name, since a change carries only the offer), which a site maps prices and stocks by.
 
@@ -53,7 +53,7 @@ pub fn import_file(
         if !properties.is_empty() {
             w.out.push_str("<Свойства>");
             for p in properties {
-                w.item("Свойство", p, Mark::Attribute, &mut |_| {});
+                w.item("Свойство", p, Mark::Status, &mut |_| {});
             }
             w.out.push_str("</Свойства>");
         }
@@ -66,7 +66,7 @@ pub fn import_file(
         w.element("Наименование", &text("Каталог (lxbridge)"));
         w.out.push_str("<Товары>\n");
         for p in products {
-            w.item("Товар", p, Mark::Attribute, &mut |_| {});
+            w.item("Товар", p, Mark::Status, &mut |_| {});
             w.out.push('\n');
         }
         w.out.push_str("</Товары></Каталог>\n");
@@ -114,7 +114,7 @@ pub fn offers_file(offers: &[Written<'_>], formed: &str, ids: Ids<'_>) -> Vec<u8
     }
     w.out.push_str("<Предложения>\n");
     for offer in offers {
-        w.item("Предложение", offer, Mark::Attribute, &mut |_| {});
+        w.item("Предложение", offer, Mark::Status, &mut |_| {});
         w.out.push('\n');
     }
     w.out.push_str("</Предложения></ПакетПредложений>\n");
@@ -158,7 +158,7 @@ fn write_groups(w: &mut Writer<'_>, groups: &[Written<'_>]) {
     }
     for g in groups {
         if !written.contains(g.reference) {
-            w.item("Группа", g, Mark::Attribute, &mut |_| {});
+            w.item("Группа", g, Mark::Status, &mut |_| {});
             written.insert(g.reference);
         }
     }
@@ -174,7 +174,7 @@ fn write_group<'a>(
         return;
     }
     let kids = children.get(group.reference).cloned().unwrap_or_default();
-    w.item("Группа", group, Mark::Attribute, &mut |w| {
+    w.item("Группа", group, Mark::Status, &mut |w| {
         if kids.is_empty() {
             return;
         }
@@ -337,7 +337,7 @@ mod tests {
         };
         let file = import_file(&[], &[], &[product], "t", IDS);
         let text = String::from_utf8(file.clone()).unwrap();
-        assert!(text.contains("<Товар Статус=\"Удален\">"), "{text}");
+        assert!(text.contains("<Статус>Удален</Статус></Товар>"), "{text}");
         let back = read(&file);
         assert_eq!((back.len(), back[0].deleted), (1, true));
     }

@@ -100,8 +100,9 @@ pub(super) struct Writer<'o> {
 pub(super) enum Mark {
     /// `<ПометкаУдаления>true</ПометкаУдаления>` last, as 1C marks an order document.
     Child,
-    /// `Статус="Удален"`, as 1C marks a product of its catalog.
-    Attribute,
+    /// `<Статус>Удален</Статус>` last, which sites' importers (1C-Bitrix's, WooCommerce
+    /// plugins') look for, and the reader reads as deleted too.
+    Status,
 }
 
 impl Writer<'_> {
@@ -153,14 +154,7 @@ impl Writer<'_> {
             .iter()
             .any(|k| fields.contains_key(*k));
         let marked = item.deleted && !says_deleted;
-        let start = match mark {
-            Mark::Attribute if marked => {
-                let mut with_status = fields.clone();
-                with_status.insert("@Статус".into(), Value::String("Удален".into()));
-                self.open(name, &with_status)
-            }
-            _ => self.open(name, fields),
-        };
+        let start = self.open(name, fields);
         if !fields.contains_key("Ид") {
             self.element("Ид", &Value::String(item.reference.to_owned()));
         }
@@ -170,8 +164,10 @@ impl Writer<'_> {
         self.text(fields);
         self.children(fields);
         inner(self);
-        if marked && matches!(mark, Mark::Child) {
-            self.element("ПометкаУдаления", &Value::String("true".into()));
+        match mark {
+            _ if !marked => {}
+            Mark::Child => self.element("ПометкаУдаления", &Value::String("true".into())),
+            Mark::Status => self.element("Статус", &Value::String("Удален".into())),
         }
         self.close(name, start);
     }

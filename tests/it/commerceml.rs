@@ -15,14 +15,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 /// The part size the config announces (Bitrix's default).
-const FILE_LIMIT: usize = 204800;
+pub(crate) const FILE_LIMIT: usize = 204800;
 
 // ---------------------------------------------------------------------------------------
 // Fixtures, read by the crate's reader
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
     let path = format!(
         "{}/tests/fixtures/commerceml/{name}",
         env!("CARGO_MANIFEST_DIR")
@@ -44,7 +44,7 @@ fn read(bytes: &[u8]) -> (Vec<Element>, Vec<ReadError>) {
 }
 
 /// The elements of a file the reader reads without an error.
-fn elements_of(bytes: &[u8], what: &str) -> Vec<Element> {
+pub(crate) fn elements_of(bytes: &[u8], what: &str) -> Vec<Element> {
     let (elements, errors) = read(bytes);
     assert!(errors.is_empty(), "{what}: the reader found {errors:?}");
     elements
@@ -62,7 +62,7 @@ fn kind_counts(elements: &[Element]) -> BTreeMap<&'static str, usize> {
     m
 }
 
-fn key(kind: &str, reference: &str) -> (String, String) {
+pub(crate) fn key(kind: &str, reference: &str) -> (String, String) {
     (kind.to_string(), reference.to_string())
 }
 
@@ -167,7 +167,7 @@ enum Auth<'a> {
 
 /// 1C's "Обмен с сайтом" pointed at one lxbridge instance.
 #[derive(Clone)]
-struct Site {
+pub(crate) struct Site {
     http: reqwest::Client,
     base: String,
     node: String,
@@ -176,7 +176,7 @@ struct Site {
 }
 
 impl Site {
-    fn new(base: &str, node: &str, token: &str) -> Site {
+    pub(crate) fn new(base: &str, node: &str, token: &str) -> Site {
         Site {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(90))
@@ -189,7 +189,7 @@ impl Site {
         }
     }
 
-    fn of(bridge: &Bridge, node: &str, token: &str) -> Site {
+    pub(crate) fn of(bridge: &Bridge, node: &str, token: &str) -> Site {
         Site::new(&format!("http://{}", bridge.addr), node, token)
     }
 
@@ -266,7 +266,7 @@ impl Site {
     }
 
     /// `mode=checkauth` with Basic: the five lines, the cookie kept for later requests.
-    async fn checkauth(&mut self, kind: &str) {
+    pub(crate) async fn checkauth(&mut self, kind: &str) {
         let (node, token) = (self.node.clone(), self.token.clone());
         let reply = self
             .call(
@@ -306,7 +306,7 @@ impl Site {
     }
 
     /// `mode=init`: (zip, file_limit).
-    async fn init(&self, kind: &str) -> (bool, usize) {
+    pub(crate) async fn init(&self, kind: &str) -> (bool, usize) {
         let reply = self.get(kind, "init", None).await;
         let text = reply.text();
         assert_eq!(reply.status, 200, "init: {text:?}");
@@ -338,7 +338,7 @@ impl Site {
     }
 
     /// Uploads a file in parts of `part` bytes, each answered a bare `success`.
-    async fn upload(&self, kind: &str, name: &str, bytes: &[u8], part: usize) -> usize {
+    pub(crate) async fn upload(&self, kind: &str, name: &str, bytes: &[u8], part: usize) -> usize {
         let mut parts = 0;
         for (i, chunk) in bytes.chunks(part).enumerate() {
             let reply = self.post_file(kind, name, chunk).await;
@@ -373,7 +373,7 @@ impl Site {
     }
 
     /// Imports until done and asserts `success`; its text.
-    async fn import_ok(&self, kind: &str, name: &str) -> String {
+    pub(crate) async fn import_ok(&self, kind: &str, name: &str) -> String {
         let (reply, _) = self.import(kind, name).await;
         assert_eq!(
             reply.first_line(),
@@ -396,7 +396,7 @@ fn number_after(text: &str, label: &str) -> Option<u64> {
 }
 
 /// Whether `n` is one of the numbers in `text`.
-fn mentions_number(text: &str, n: usize) -> bool {
+pub(crate) fn mentions_number(text: &str, n: usize) -> bool {
     text.split(|c: char| !c.is_ascii_digit())
         .any(|w| w == n.to_string())
 }
@@ -468,7 +468,7 @@ fn xml_files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes a test's session folder (and its embedded data folder) even when it fails.
-struct RemoveOnDrop(Vec<PathBuf>);
+pub(crate) struct RemoveOnDrop(pub(crate) Vec<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -479,13 +479,13 @@ impl Drop for RemoveOnDrop {
 }
 
 /// The session folder of a test (the `dir` extension), under the tests' temp folder.
-fn cml_dir(prefix: &str) -> PathBuf {
+pub(crate) fn cml_dir(prefix: &str) -> PathBuf {
     std::env::temp_dir()
         .join("lxbridge-tests")
         .join(format!("{prefix}-cml"))
 }
 
-fn toml_path(path: &Path) -> String {
+pub(crate) fn toml_path(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
 }
 
@@ -595,7 +595,7 @@ async fn assert_arrived_once(target: &Target, expected: &[Element], source: &str
     assert_eq!(target.distinct_ids().len(), n, "{what}: change ids repeat");
 }
 
-fn events(object: &Value) -> Vec<(String, String)> {
+pub(crate) fn events(object: &Value) -> Vec<(String, String)> {
     object["history"]
         .as_array()
         .map(|h| {
@@ -612,7 +612,7 @@ fn events(object: &Value) -> Vec<(String, String)> {
 }
 
 /// The checkauth, init, upload, import of one catalog exchange; the import answers.
-async fn exchange(site: &mut Site, files: &[(&str, &[u8])], part: usize) -> Vec<String> {
+pub(crate) async fn exchange(site: &mut Site, files: &[(&str, &[u8])], part: usize) -> Vec<String> {
     site.checkauth("catalog").await;
     let (zip, limit) = site.init("catalog").await;
     assert!(!zip, "this node has zip = false");

@@ -21,6 +21,7 @@ mod servers;
 
 mod bad_input;
 mod cli;
+mod cml_site;
 mod commerceml;
 mod demo;
 mod docs;

@@ -674,3 +674,177 @@ both_backends!(
     wait_counts_only_references_to_types_routed_to_the_target,
     preview_and_delivery_agree_on_what_an_order_waits_for,
 );
+
+/// `config/commerceml-sites.toml`, the example of docs/commerceml.md ("From a 1C base's
+/// changes"): it validates, the docs show the same mapping, and the preview turns the 1C
+/// samples into the CommerceML elements a site is sent, which the package writes as 1C would.
+#[test]
+fn the_commerceml_sites_example_maps_1c_changes_to_commerceml() {
+    use lxbridge::commerceml::package::{import_file, offers_file, Ids};
+    use lxbridge::commerceml::{Reader, Written};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("config/commerceml-sites.toml");
+    let config = lxbridge::config::Config::load(&path).expect("the example reads");
+    assert_eq!(
+        config.validate(),
+        Vec::<String>::new(),
+        "{}",
+        path.display()
+    );
+
+    // The route's types and mapping are those docs/commerceml.md shows.
+    let route_of = |text: &str| -> Option<toml::Value> {
+        let table: toml::Table = toml::from_str(text).ok()?;
+        let routes = table.get("route")?.as_array()?;
+        let route = routes
+            .iter()
+            .find(|r| r.get("name").and_then(|n| n.as_str()) == Some("central-to-sites"))?;
+        Some(toml::Value::Array(vec![
+            route.get("types")?.clone(),
+            route.get("mapping")?.clone(),
+        ]))
+    };
+    let docs = std::fs::read_to_string(root.join("docs/commerceml.md")).unwrap();
+    let shown: Vec<toml::Value> = docs
+        .split("```toml fragment\n")
+        .skip(1)
+        .filter_map(|block| route_of(block.split("\n```").next().unwrap()))
+        .collect();
+    let example = route_of(&std::fs::read_to_string(&path).unwrap()).expect("the route");
+    assert_eq!(
+        shown,
+        [example],
+        "docs/commerceml.md shows the example's mapping once"
+    );
+
+    let preview = |name: &str| -> Value {
+        let lines = lxbridge::deliver::preview::run(
+            &config,
+            "central-to-sites",
+            &fixture(name).to_string(),
+        )
+        .expect("the preview runs");
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let targets: Vec<&str> = lines
+            .iter()
+            .map(|l| l["target"].as_str().unwrap())
+            .collect();
+        assert_eq!(targets, ["shop", "store"], "{name}");
+        assert_eq!(
+            lines[0]["change"], lines[1]["change"],
+            "{name}: one mapping"
+        );
+        assert_eq!(lines[0]["outcome"], "deliver", "{name}: {}", lines[0]);
+        lines[0]["change"].clone()
+    };
+    let guid = "5f1c2a3e-8d4b-11ee-b9d1-0242ac120002";
+    let product = preview("catalog-nomenclature.json");
+    assert_eq!(
+        (&product["type"], &product["ref"], &product["op"]),
+        (&json!("CommerceML.Товар"), &json!(guid), &json!("upsert"))
+    );
+    assert_eq!(
+        product["data"],
+        json!({
+            "Наименование": "Стол письменный «Эргономик» 120×60",
+            "Артикул": "СТ-120-60",
+            "Описание": "Столешница ЛДСП 25 мм,\nкромка ПВХ; \"премиум\"",
+            "БазоваяЕдиница": {"@Код": "796", "@НаименованиеПолное": "Штука",
+                               "@МеждународноеСокращение": "PCE", "#text": "шт"}
+        })
+    );
+    let offer = preview("register-prices.json");
+    assert_eq!(
+        (&offer["type"], &offer["ref"], &offer["op"]),
+        (
+            &json!("CommerceML.Предложение"),
+            &json!(guid),
+            &json!("upsert")
+        ),
+        "the offer's ref is its product's GUID"
+    );
+    assert_eq!(
+        offer["data"],
+        json!({"Цены": {"Цена": {"ИдТипаЦены": "1b2c3d4e-8d4b-11ee-b9d1-0242ac120002",
+                                 "ЦенаЗаЕдиницу": 18450, "Валюта": "RUB"}}})
+    );
+    let deleted = preview("object-deletion.json");
+    assert_eq!(
+        (&deleted["type"], &deleted["op"], &deleted["data"]),
+        (
+            &json!("CommerceML.Товар"),
+            &json!("delete"),
+            &json!({"Статус": "Удален"})
+        )
+    );
+
+    // What the site is sent: Ид first, the deletion as the child element, the price type
+    // named; read back, the same elements.
+    fn written(c: &Value) -> Written<'_> {
+        Written {
+            name: if c["type"] == "CommerceML.Товар" {
+                "Товар"
+            } else {
+                "Предложение"
+            },
+            reference: c["ref"].as_str().unwrap(),
+            deleted: c["op"] == "delete",
+            data: Some(&c["data"]),
+        }
+    }
+    let ids = Ids {
+        catalog: "lxbridge",
+        classifier: "lxbridge",
+    };
+    let formed = "2026-12-02T10:00:00";
+    let import = import_file(
+        &[],
+        &[],
+        &[written(&product), written(&deleted)],
+        formed,
+        ids,
+    );
+    let offers = offers_file(&[written(&offer)], formed, ids);
+    let (import_text, offers_text) = (
+        String::from_utf8(import.clone()).unwrap(),
+        String::from_utf8(offers.clone()).unwrap(),
+    );
+    assert!(
+        import_text.contains(&format!("<Товар><Ид>{guid}</Ид>")),
+        "{import_text}"
+    );
+    assert!(
+        import_text.contains(
+            "<Товар><Ид>0a1b2c3d-8d4b-11ee-b9d1-0242ac120002</Ид><Статус>Удален</Статус></Товар>"
+        ),
+        "{import_text}"
+    );
+    assert!(
+        offers_text.contains("<ТипыЦен><ТипЦены><Ид>1b2c3d4e-8d4b-11ee-b9d1-0242ac120002</Ид><Наименование>1b2c3d4e-8d4b-11ee-b9d1-0242ac120002</Наименование><Валюта>RUB</Валюта></ТипЦены></ТипыЦен>"),
+        "{offers_text}"
+    );
+    let read: Vec<(String, String, bool)> = Reader::new(import.as_slice())
+        .chain(Reader::new(offers.as_slice()))
+        .map(|e| e.expect("the package reads"))
+        .map(|e| (e.kind.to_string(), e.reference, e.deleted))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("CommerceML.Товар".to_string(), guid.to_string(), false),
+            (
+                "CommerceML.Товар".to_string(),
+                "0a1b2c3d-8d4b-11ee-b9d1-0242ac120002".to_string(),
+                true
+            ),
+            (
+                "CommerceML.Предложение".to_string(),
+                guid.to_string(),
+                false
+            ),
+        ]
+    );
+}

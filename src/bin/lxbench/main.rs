@@ -14,12 +14,14 @@
 //!
 //! The parts: `throughput` (the sink, posting, the figures of a scenario), `bridge`
 //! (starting, stopping and cleaning up after an lxbridge), `baseline` (raw RabbitMQ),
-//! `pull` (`--pull-latency`), `transform` (`--transform`), `commerceml` (`--commerceml`).
+//! `pull` (`--pull-latency`), `transform` (`--transform`), `commerceml` (`--commerceml`),
+//! `site` (`--commerceml-site`).
 
 mod baseline;
 mod bridge;
 mod commerceml;
 mod pull;
+mod site;
 mod throughput;
 mod transform;
 
@@ -28,6 +30,7 @@ use clap::Parser;
 use commerceml::commerceml_bench;
 use pull::pull_latency;
 use serde_json::{json, Value};
+use site::site_bench;
 use throughput::run_bridge;
 use transform::transform_bench;
 
@@ -74,6 +77,13 @@ struct Args {
     /// The size of that catalog in MB.
     #[arg(long, default_value_t = 100)]
     cml_mb: usize,
+    /// Feed lxbench's CommerceML site (zip, 200 KB parts) through a `mode = "commerceml"`
+    /// target: products/s the site read.
+    #[arg(long)]
+    commerceml_site: bool,
+    /// The products of that scenario.
+    #[arg(long, default_value_t = 10_000)]
+    site_products: usize,
     /// Measure the transform cost per change instead (no broker needed).
     #[arg(long)]
     transform: bool,
@@ -175,6 +185,14 @@ async fn main() {
     }
     if args.commerceml {
         commerceml_bench(&args).await;
+        return;
+    }
+    if args.commerceml_site {
+        site_bench(&Args {
+            n: args.site_products,
+            ..args.clone()
+        })
+        .await;
         return;
     }
     if !args.all {

@@ -95,18 +95,23 @@ impl Topology {
                 )
             })
             .collect();
-        let with_mode = |mode: DeliverMode| {
+        let with_mode = |pull: bool| {
             config
                 .nodes
                 .iter()
-                .filter(|n| n.deliver.as_ref().is_some_and(|d| d.mode == mode))
+                .filter(|n| {
+                    n.deliver
+                        .as_ref()
+                        .is_some_and(|d| (d.mode == DeliverMode::Pull) == pull)
+                })
                 .map(|n| n.name.clone())
                 .collect()
         };
         Topology {
             sources: config.nodes.iter().map(|n| n.name.clone()).collect(),
-            push: with_mode(DeliverMode::Push),
-            pull: with_mode(DeliverMode::Pull),
+            // A CommerceML site is delivered to as a push target is.
+            push: with_mode(false),
+            pull: with_mode(true),
             partitions: config.broker.partitions.max(1),
             retry_delays: config.retry.delays.iter().map(|d| d.0).collect(),
             quorum_replicas: config.broker.quorum_replicas,

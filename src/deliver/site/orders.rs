@@ -8,7 +8,7 @@
 //! The change ids come from the content alone, so two instances polling one site publish an
 //! order once (the second is a `duplicate`).
 
-use super::session::{Client, Failure, Kind};
+use super::session::{Client, Failure, Kind, Status};
 use crate::commerceml::{Element, ReadError, Reader, DOCUMENT};
 use crate::config::DeliverMode;
 use crate::ingress::accept::{accept_changes, Verdict};
@@ -57,7 +57,8 @@ async fn poll(app: Arc<AppState>, client: Client, every: Duration, cancel: Cance
         let result = round_renewing(&app, &client).await;
         let label = if result.is_ok() { "ok" } else { "failed" };
         app.metrics
-            .commerceml_order_rounds
+            .commerceml
+            .order_rounds
             .with_label_values(&[&client.target, label])
             .inc();
         match result {
@@ -103,8 +104,18 @@ async fn round(app: &AppState, client: &Client) -> Result<Round, Failure> {
         let fresh = changed_only(app, node, hashed, &mut round).await?;
         accept(app, node, fresh, &mut round).await?;
     }
+    if round.unreadable > 0 {
+        return Err(Failure::Refused(format!(
+            "{} orders of the site's answer can't be read (see the log); nothing confirmed, so the site keeps them",
+            round.unreadable
+        )));
+    }
     let confirmed = client.call(Kind::Sale, "success", None, None).await?;
-    confirmed.status("type=sale&mode=success")?;
+    if confirmed.status("type=sale&mode=success")? != Status::Success {
+        return Err(Failure::Refused(
+            "the site answered progress to type=sale&mode=success".into(),
+        ));
+    }
     count(app, node, "accepted", round.accepted);
     count(app, node, "unchanged", round.unchanged);
     count(app, node, "rejected", round.unreadable);
@@ -182,25 +193,30 @@ async fn accept(
         .await
         .map_err(|e| Failure::Unreachable(format!("orders not accepted: {}", e.0)))?;
     let mut kept = Vec::new();
+    let mut refused = None;
     for (h, verdict) in fresh.iter().zip(verdicts) {
         match verdict {
             Verdict::Accepted | Verdict::Duplicate => {
                 kept.push((h.kind, h.change.reference.as_str(), h.hash.as_str()))
             }
-            Verdict::Unroutable => {}
+            Verdict::Unroutable => {
+                warn!(%node, order = %h.change.reference, "an order of the site no route takes; confirmed to the site unpublished (route CommerceML.Документ from this node)")
+            }
             Verdict::Rejected(why) => {
-                return Err(Failure::Unreachable(format!(
+                refused = Some(format!(
                     "order {:?} not accepted: {why}",
                     h.change.reference
-                )))
+                ))
             }
         }
     }
     round.accepted += kept.len() as u64;
+    // The accepted ones are kept even when another was refused: the next round finds them
+    // unchanged instead of publishing them again.
     if let Err(e) = app.store.keep_content_hashes(node, &kept).await {
         warn!(%node, error = %e, "could not keep the orders' content hashes; they are published again next round");
     }
-    Ok(())
+    refused.map_or(Ok(()), |why| Err(Failure::Unreachable(why)))
 }
 
 fn event(node: &str, reference: &str, event: &str, detail: &str) -> Record {
@@ -218,7 +234,8 @@ fn event(node: &str, reference: &str, event: &str, detail: &str) -> Record {
 
 fn count(app: &AppState, node: &str, outcome: &str, n: u64) {
     app.metrics
-        .commerceml_orders
+        .commerceml
+        .orders
         .with_label_values(&[node, outcome])
         .inc_by(n);
 }

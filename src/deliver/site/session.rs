@@ -36,7 +36,7 @@ pub enum Status {
 /// Why a request didn't go on.
 #[derive(Debug)]
 pub enum Failure {
-    /// Not answered, or 5xx/429: the site is away (the breaker holds the package).
+    /// Not answered, or 429/502/503/504: the site is away (the breaker holds the package).
     Unreachable(String),
     /// Answered, but not with what lets the exchange go on.
     Refused(String),
@@ -258,7 +258,9 @@ impl Client {
             401 | 403 => Err(Failure::Renew(format!(
                 "the site answered HTTP {status} to {what}"
             ))),
-            429 | 500..=599 => Err(Failure::Unreachable(format!(
+            // A gateway in front of a site that is down, or a site asking for air; a 500 is
+            // the site failing on what it was sent (the package is retried, its changes alone).
+            429 | 502..=504 => Err(Failure::Unreachable(format!(
                 "the site answered HTTP {status} to {what}"
             ))),
             _ => Err(Failure::Refused(format!(

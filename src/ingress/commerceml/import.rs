@@ -433,7 +433,8 @@ impl Job {
     fn count(&self, outcome: &str, n: u64) {
         self.app
             .metrics
-            .commerceml_elements
+            .commerceml
+            .elements
             .with_label_values(&[&self.node, outcome])
             .inc_by(n);
     }

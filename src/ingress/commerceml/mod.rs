@@ -60,7 +60,8 @@ pub async fn commerceml(
     let status = first_line(&mode, &response);
     if app.config.node(&node).is_some() {
         app.metrics
-            .commerceml_requests
+            .commerceml
+            .requests
             .with_label_values(&[node.as_str(), mode_label(&mode), status])
             .inc();
     }
