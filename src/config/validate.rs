@@ -72,6 +72,17 @@ impl Config {
                 self.broker.partitions
             ));
         }
+        let sites = self.nodes.iter().filter(|n| {
+            n.deliver
+                .as_ref()
+                .is_some_and(|d| d.mode == DeliverMode::Commerceml)
+        });
+        for site in sites.filter(|_| self.broker.partitions > 1) {
+            problems.push(format!(
+                "node {:?} deliver: mode \"commerceml\" needs broker.partitions = 1 (a site takes one exchange at a time; partitions would let several instances exchange with it side by side)",
+                site.name
+            ));
+        }
         if self.store.history_max == 0 {
             problems.push("store.history_max must be at least 1".into());
         }
@@ -571,6 +582,21 @@ dir = ""
                 "dir must not be empty",
                 "format = \"1c-xdto\" in [node.deliver] cannot be served",
             ],
+        );
+    }
+
+    #[test]
+    fn a_site_needs_one_partition() {
+        let site = "[[node]]\nname = \"shop\"\ntoken = \"t\"\ndeliver = { mode = \"commerceml\", url = \"http://h/1c_exchange.php\" }\n";
+        let with = |partitions: u16| {
+            problems_of(&format!(
+                "[broker]\nurl = \"amqp://h/%2f\"\npartitions = {partitions}\n[store]\nredis_url = \"redis://h/\"\n{site}"
+            ))
+        };
+        assert_eq!(with(1), Vec::<String>::new());
+        assert_problems(
+            &with(4),
+            &["\"shop\" deliver: mode \"commerceml\" needs broker.partitions = 1"],
         );
     }
 
