@@ -93,6 +93,18 @@ fn reason(failure: Failure) -> String {
 async fn round(app: &AppState, client: &Client) -> Result<Round, Failure> {
     client.init(Kind::Sale).await?;
     let reply = client.call(Kind::Sale, "query", None, None).await?;
+    if !reply
+        .text
+        .trim_start_matches('\u{feff}')
+        .trim_start()
+        .starts_with('<')
+    {
+        // Not XML: a status line (a `failure` naming the session gone renews it).
+        reply.status("type=sale&mode=query")?;
+        return Err(Failure::Refused(
+            "the site answered type=sale&mode=query with a status line, not the orders' XML".into(),
+        ));
+    }
     let node = client.target.as_str();
     let (orders, unreadable) = read_orders(&reply.body)?;
     let mut round = Round {
