@@ -692,7 +692,7 @@ fn the_commerceml_sites_example_maps_1c_changes_to_commerceml() {
         path.display()
     );
 
-    // The route's types and mapping are those docs/commerceml.md shows.
+    // The route's types and mapping are those docs/commerceml.md and the README show.
     let route_of = |text: &str| -> Option<toml::Value> {
         let table: toml::Table = toml::from_str(text).ok()?;
         let routes = table.get("route")?.as_array()?;
@@ -704,18 +704,20 @@ fn the_commerceml_sites_example_maps_1c_changes_to_commerceml() {
             route.get("mapping")?.clone(),
         ]))
     };
-    let docs = std::fs::read_to_string(root.join("docs/commerceml.md")).unwrap();
-    let shown: Vec<toml::Value> = docs
-        .split("```toml fragment\n")
-        .skip(1)
-        .filter_map(|block| route_of(block.split("\n```").next().unwrap()))
-        .collect();
     let example = route_of(&std::fs::read_to_string(&path).unwrap()).expect("the route");
-    assert_eq!(
-        shown,
-        [example],
-        "docs/commerceml.md shows the example's mapping once"
-    );
+    for page in ["docs/commerceml.md", "README.md"] {
+        let text = std::fs::read_to_string(root.join(page)).unwrap();
+        let shown: Vec<toml::Value> = text
+            .split("```toml fragment\n")
+            .skip(1)
+            .filter_map(|block| route_of(block.split("\n```").next().unwrap()))
+            .collect();
+        assert_eq!(
+            shown,
+            [example.clone()],
+            "{page} shows the example's mapping once"
+        );
+    }
 
     let preview = |name: &str| -> Value {
         let lines = lxbridge::deliver::preview::run(
