@@ -714,7 +714,7 @@ fn the_commerceml_sites_example_maps_1c_changes_to_commerceml() {
             .collect();
         assert_eq!(
             shown,
-            [example.clone()],
+            std::slice::from_ref(&example),
             "{page} shows the example's mapping once"
         );
     }
