@@ -22,8 +22,6 @@ use crate::config::DeliverConfig;
 use session::{Client, Failure, Kind, Status};
 use std::time::{Duration, Instant};
 
-pub use session::Client as SiteClient;
-
 /// The types a package carries, in the order of its files.
 const KINDS: [&str; 4] = [GROUP, PROPERTY, PRODUCT, OFFER];
 
