@@ -88,7 +88,14 @@ async fn run_one(args: &Args, prefix: &str, catalog: &Catalog) -> Value {
     let uploaded = start.elapsed().as_secs_f64();
     let rounds = exchange.import().await;
     let imported = start.elapsed().as_secs_f64();
-    wait_for(&sink, catalog.elements).await;
+    let arrived = || sink.refs.lock().unwrap().len();
+    crate::wait_until(
+        arrived,
+        catalog.elements,
+        Duration::from_secs(600),
+        "elements arrived",
+    )
+    .await;
     let total = start.elapsed().as_secs_f64();
     let (rss_mb, cpu_s) = process_usage(pid);
     bridge.stop();
@@ -267,31 +274,11 @@ async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> String {
 }
 
 async fn serve_sink(sink: Arc<Sink>) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/sink", listener.local_addr().unwrap());
     let app = axum::Router::new()
         .route("/sink", post(receive))
         .with_state(sink);
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, server)
-}
-
-/// Waits until the sink has `expected` distinct refs, at most 600 s.
-async fn wait_for(sink: &Sink, expected: usize) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let got = sink.refs.lock().unwrap().len();
-        if got >= expected {
-            return;
-        }
-        if Instant::now() > deadline {
-            eprintln!("lxbench: only {got} of {expected} elements arrived in time");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (base, server) = crate::serve(app).await;
+    (format!("{base}/sink"), server)
 }
 
 /// Writes a CommerceML 2.05 `import.xml` of about `target` bytes: groups, properties, and

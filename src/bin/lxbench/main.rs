@@ -164,6 +164,37 @@ fn latency_summary(sorted: &[f64]) -> Value {
     json!({"p50": round3(percentile(sorted, 0.5)), "p99": round3(percentile(sorted, 0.99)), "max": round3(sorted.last().copied().unwrap_or(0.0))})
 }
 
+/// Serves `app` on a free port of 127.0.0.1; its base URL (`http://host:port`) and the task.
+async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (base, server)
+}
+
+/// Waits until `count()` reaches `expected`, at most `limit` (then says how far it got).
+async fn wait_until(
+    count: impl Fn() -> usize,
+    expected: usize,
+    limit: std::time::Duration,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let got = count();
+        if got >= expected {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!("lxbench: only {got} of {expected} {what} in {limit:?}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// The `data` of change `i`, about `size` bytes of JSON.
 fn change_json(i: usize, size: usize) -> String {
     let filler = "x".repeat(size.saturating_sub(60));

@@ -67,7 +67,14 @@ async fn run_one(args: &Args, prefix: &str) -> Value {
     let start = Instant::now();
     post_products(args, &bridge.base).await;
     let posted = start.elapsed().as_secs_f64();
-    wait_for(&site, args.n).await;
+    let read = || site.products.lock().unwrap().len();
+    crate::wait_until(
+        read,
+        args.n,
+        Duration::from_secs(600),
+        "products read by the site",
+    )
+    .await;
     let total = start.elapsed().as_secs_f64();
     let (rss_mb, cpu_s) = process_usage(pid);
     bridge.stop();
@@ -262,32 +269,10 @@ impl Site {
 }
 
 async fn serve(site: Arc<Site>) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/bitrix/admin/1c_exchange.php",
-        listener.local_addr().unwrap()
-    );
+    const PATH: &str = "/bitrix/admin/1c_exchange.php";
     let app = axum::Router::new()
-        .route("/bitrix/admin/1c_exchange.php", any(exchange))
+        .route(PATH, any(exchange))
         .with_state(site);
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, server)
-}
-
-/// Waits until the site read `expected` products, at most 600 s.
-async fn wait_for(site: &Site, expected: usize) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let got = site.products.lock().unwrap().len();
-        if got >= expected {
-            return;
-        }
-        if Instant::now() > deadline {
-            eprintln!("lxbench: the site read only {got} of {expected} products in time");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (base, server) = crate::serve(app).await;
+    (format!("{base}{PATH}"), server)
 }

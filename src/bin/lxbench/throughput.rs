@@ -112,7 +112,14 @@ pub(crate) async fn run_bridge(args: &Args) -> Value {
     posting.run(args, start, epoch).await;
     let accept_secs = start.elapsed().as_secs_f64();
     let expected = args.n * args.targets;
-    wait_for_arrivals(&sink, expected).await;
+    let received = || sink.received.load(Ordering::SeqCst);
+    crate::wait_until(
+        received,
+        expected,
+        Duration::from_secs(300),
+        "changes arrived",
+    )
+    .await;
     let total_secs = start.elapsed().as_secs_f64();
     let (rss_mb, cpu_secs) = process_usage(pid);
     let latencies = send_to_arrival_ms(&sink, &posting.sent_at, expected);
@@ -132,15 +139,11 @@ pub(crate) async fn run_bridge(args: &Args) -> Value {
 
 /// Serves the sink's `POST /sink/<target>` on a free port; its base URL and the server task.
 async fn serve_sink(sink: Arc<Sink>) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink_url = format!("http://{}/sink", listener.local_addr().unwrap());
     let app = axum::Router::new()
         .route("/sink/{t}", post(receive))
         .with_state(sink);
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (sink_url, server)
+    let (base, server) = crate::serve(app).await;
+    (format!("{base}/sink"), server)
 }
 
 /// The changes of a run as requests of `batch` changes, posted over `connections` workers.
@@ -254,21 +257,6 @@ fn request_body(from: usize, to: usize, size: usize) -> String {
     }
     body.push(']');
     body
-}
-
-/// Waits until the sink has `expected` changes, at most 300 s.
-async fn wait_for_arrivals(sink: &Sink, expected: usize) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while sink.received.load(Ordering::SeqCst) < expected {
-        if Instant::now() > deadline {
-            eprintln!(
-                "lxbench: only {} of {expected} arrived in time",
-                sink.received.load(Ordering::SeqCst)
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Send → arrival in ms of every change that arrived, at every target, sorted.
