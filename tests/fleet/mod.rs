@@ -518,23 +518,27 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 // ---------------------------------------------------------------------------------------
 // Configs and clients
 
-pub fn push_config(target: &str, batch_max: usize) -> String {
-    format!(
-        r#"
+/// The start of an instances test's config: server, broker (the placeholders
+/// [`Cluster`] fills in), store, admin token, two quick retry steps.
+pub const INSTANCES_HEAD: &str = r#"
 [server]
-listen = "{{listen}}"
+listen = "{listen}"
 shutdown_grace = "5s"
 [broker]
-url = {{amqp}}
-prefix = "{{prefix}}"
-{{partitions}}
+url = {amqp}
+prefix = "{prefix}"
+{partitions}
 [store]
-redis_url = "{{redis}}"
+redis_url = "{redis}"
 [admin]
 token = "admin-secret"
 [retry]
 delays = ["1s", "1s"]
-[[node]]
+"#;
+
+pub fn push_config(target: &str, batch_max: usize) -> String {
+    format!(
+        r#"{INSTANCES_HEAD}[[node]]
 name = "central"
 token = "central-secret"
 [[node]]
@@ -549,21 +553,8 @@ to = ["shop"]
 }
 
 pub fn pull_config() -> String {
-    r#"
-[server]
-listen = "{listen}"
-shutdown_grace = "5s"
-[broker]
-url = {amqp}
-prefix = "{prefix}"
-{partitions}
-[store]
-redis_url = "{redis}"
-[admin]
-token = "admin-secret"
-[retry]
-delays = ["1s", "1s"]
-[[node]]
+    INSTANCES_HEAD.to_string()
+        + r#"[[node]]
 name = "central"
 token = "central-secret"
 [[node]]
@@ -574,7 +565,6 @@ deliver = { mode = "pull", batch_max = 10, lease = "2s" }
 from = "central"
 to = ["branch"]
 "#
-    .to_string()
 }
 
 /// A GUID-shaped ref (1C's refs are GUIDs), the same for the same `n`.

@@ -1371,39 +1371,22 @@ async fn bad_input_is_answered_failure_and_skipped_elements_are_listed(backend: 
         "nothing but the two products with Ид"
     );
     // Wrong or missing password: 401 and failure.
-    let reply = site
-        .call(
-            get.clone(),
-            "catalog",
-            "checkauth",
-            None,
-            None,
+    for (auth, what) in [
+        (
             Auth::Basic("ut", "wrong"),
-        )
-        .await;
-    reply.failure(401, "checkauth with a wrong password");
-    let reply = site
-        .call(
-            get.clone(),
-            "catalog",
-            "checkauth",
-            None,
-            None,
+            "checkauth with a wrong password",
+        ),
+        (
             Auth::Basic("small", "small-secret"),
-        )
-        .await;
-    reply.failure(401, "checkauth with another node's credentials");
-    let reply = site
-        .call(
-            get.clone(),
-            "catalog",
-            "checkauth",
-            None,
-            None,
-            Auth::Nothing,
-        )
-        .await;
-    reply.failure(401, "checkauth without credentials");
+            "checkauth with another node's credentials",
+        ),
+        (Auth::Nothing, "checkauth without credentials"),
+    ] {
+        let reply = site
+            .call(get.clone(), "catalog", "checkauth", None, None, auth)
+            .await;
+        reply.failure(401, what);
+    }
     // No session: no cookie and no Basic, or a forged cookie.
     let reply = site
         .call(get.clone(), "catalog", "init", None, None, Auth::Nothing)
@@ -1439,21 +1422,7 @@ both_backends!(
 
 fn two_instance_config(target: &str, dir: &Path) -> String {
     format!(
-        r#"
-[server]
-listen = "{{listen}}"
-shutdown_grace = "5s"
-[broker]
-url = {{amqp}}
-prefix = "{{prefix}}"
-{{partitions}}
-[store]
-redis_url = "{{redis}}"
-[admin]
-token = "admin-secret"
-[retry]
-delays = ["1s", "1s"]
-[[node]]
+        r#"{head}[[node]]
 name = "shop"
 token = "shop-secret"
 deliver = {{ mode = "push", url = "{target}", batch_max = 100 }}
@@ -1470,6 +1439,7 @@ from = "ut"
 to = ["shop"]
 types = ["CommerceML.*"]
 "#,
+        head = crate::fleet::INSTANCES_HEAD,
         dir = toml_path(dir)
     )
 }

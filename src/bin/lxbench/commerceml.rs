@@ -52,13 +52,7 @@ pub(crate) async fn commerceml_bench(args: &Args) {
             ..args.clone()
         };
         let bridge = run_one(&args, &format!("{prefix}-{backend}"), &catalog).await;
-        let ratio = match (
-            bridge["elements_per_s"].as_f64(),
-            baseline["delivered_per_s"].as_f64(),
-        ) {
-            (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
-            _ => Value::Null,
-        };
+        let ratio = crate::ratio(&bridge["elements_per_s"], &baseline);
         let line = json!({
             "scenario": "commerceml",
             "backend": backend,

@@ -119,13 +119,7 @@ async fn scenario(args: &Args) {
             ..args.clone()
         };
         let bridge = run_bridge(&args).await;
-        let ratio = match (
-            bridge["delivered_per_s"].as_f64(),
-            baseline["delivered_per_s"].as_f64(),
-        ) {
-            (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
-            _ => Value::Null,
-        };
+        let ratio = crate::ratio(&bridge["delivered_per_s"], &baseline);
         let line = json!({
             "scenario": args.name,
             "backend": backend,
@@ -136,6 +130,14 @@ async fn scenario(args: &Args) {
             "ratio_delivered": ratio,
         });
         println!("{line}");
+    }
+}
+
+/// A bridge figure (per second) ÷ the baseline's delivered/s, or null without one.
+fn ratio(bridge_per_s: &Value, baseline: &Value) -> Value {
+    match (bridge_per_s.as_f64(), baseline["delivered_per_s"].as_f64()) {
+        (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
+        _ => Value::Null,
     }
 }
 

@@ -38,13 +38,7 @@ pub(crate) async fn site_bench(args: &Args) {
         };
         let prefix = format!("lxbench-{}-site-{backend}", std::process::id());
         let bridge = run_one(&args, &prefix).await;
-        let ratio = match (
-            bridge["products_per_s"].as_f64(),
-            baseline["delivered_per_s"].as_f64(),
-        ) {
-            (Some(b), Some(r)) if r > 0.0 => json!(round3(b / r)),
-            _ => Value::Null,
-        };
+        let ratio = crate::ratio(&bridge["products_per_s"], &baseline);
         let line = json!({
             "scenario": "commerceml-site",
             "backend": backend,
