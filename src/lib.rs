@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod route;
+pub mod template;
 pub mod store;
 pub mod tls;
 pub mod topic;

@@ -18,9 +18,11 @@ mod duration;
 mod env;
 mod node;
 mod read;
+mod rest;
 mod route;
 mod server;
 mod validate;
+mod webhook;
 
 pub use backend::{
     Backend, BrokerConfig, EmbeddedConfig, StoreConfig, TlsFiles, Urls, MAX_PARTITIONS,
@@ -30,8 +32,10 @@ pub use node::{
     valid_node_name, Auth, CommerceMlConfig, DeliverConfig, DeliverMode, Format, MissingRefs,
     NodeConfig, QueryEncoding,
 };
+pub use rest::{compile_requests, BodyTemplate, Expect, Rate, Request, RequestConfig, TypeRequests};
 pub use route::{type_pattern_problem, ConflictPolicy, GroupConfig, RouteConfig};
 pub use server::{AdminConfig, LogFormat, RetryConfig, ServerConfig};
+pub use webhook::{WebhookAuth, WebhookChange, WebhookConfig, WebhookEntry};
 
 use crate::transform::{Compiled, Mapping};
 use serde::Deserialize;

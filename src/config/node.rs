@@ -11,6 +11,8 @@ pub struct NodeConfig {
     pub token: String,
     pub deliver: Option<DeliverConfig>,
     pub commerceml: Option<CommerceMlConfig>,
+    /// `[node.webhook]`: the node is a service sending its own webhooks.
+    pub webhook: Option<super::WebhookConfig>,
 }
 
 /// `[node.commerceml]`: the node is a 1C base whose "Обмен с сайтом" points at lxbridge.
@@ -78,6 +80,8 @@ pub enum DeliverMode {
     Pull,
     /// Delivered to a site's CommerceML endpoint as 1C's site exchange does.
     Commerceml,
+    /// One REST request per change, from a template per type (docs/integrations.md).
+    Http,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +132,11 @@ pub struct DeliverConfig {
     /// `mode = "commerceml"`, extension: the `Ид` of the `Классификатор`.
     #[serde(default = "default_catalog_id")]
     pub classifier_id: String,
+    /// `mode = "http"`: at most this many requests per period, for all instances together.
+    pub rate: Option<super::Rate>,
+    /// `mode = "http"`: the request of each delivered type (or `"*"`).
+    #[serde(default)]
+    pub requests: std::collections::BTreeMap<String, super::RequestConfig>,
 }
 
 fn default_import_rounds() -> u32 {

@@ -169,6 +169,9 @@ impl Config {
                 let at = format!("node {:?} deliver", node.name);
                 deliver_problems(&at, deliver, problems);
             }
+            if let Some(webhook) = &node.webhook {
+                problems.extend(webhook.problems(&format!("node {:?} webhook", node.name)));
+            }
             if let Some(cml) = &node.commerceml {
                 let at = format!("node {:?} commerceml", node.name);
                 commerceml_problems(&at, cml, problems);
@@ -297,6 +300,7 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
         DeliverMode::Push => "push",
         DeliverMode::Commerceml => "commerceml",
         DeliverMode::Pull => "pull",
+        DeliverMode::Http => "http",
     };
     match (deliver.mode, &deliver.url) {
         (DeliverMode::Pull, _) => {}
@@ -317,6 +321,7 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
     } else if deliver.orders.is_some() {
         problems.push(format!("{at}: orders is for mode \"commerceml\" only"));
     }
+    rest_problems(at, deliver, problems);
     if deliver.batch_max == 0 || deliver.batch_max > 10_000 {
         problems.push(format!("{at}: batch_max must be between 1 and 10000"));
     }
@@ -325,6 +330,24 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
     }
     if deliver.timeout.0.is_zero() {
         problems.push(format!("{at}: timeout must be greater than 0"));
+    }
+}
+
+/// The keys of a `mode = "http"` delivery, and none of them elsewhere.
+fn rest_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) {
+    if deliver.mode != DeliverMode::Http {
+        if deliver.rate.is_some() || !deliver.requests.is_empty() {
+            problems.push(format!("{at}: rate and requests are for mode \"http\" only"));
+        }
+        return;
+    }
+    if let Err(p) = super::compile_requests(at, &deliver.requests) {
+        problems.extend(p);
+    }
+    if deliver.format == Format::Xdto {
+        problems.push(format!(
+            "{at}: mode \"http\" sends the requests' bodies; format = \"1c-xdto\" does not apply (use {{data}} of the mapping)"
+        ));
     }
 }
 

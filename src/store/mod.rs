@@ -12,8 +12,11 @@
 //! - [`sqlite`]: [`EmbeddedStore`], the same facts and rules in tables of the embedded
 //!   database ([`crate::embedded`]).
 
+pub mod rate;
 pub mod redis;
 pub mod sqlite;
+
+pub use rate::RateAsk;
 
 pub use self::redis::RedisStore;
 pub use self::sqlite::EmbeddedStore;
@@ -260,6 +263,23 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         source: &'a str,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// A REST target's rate ([`rate`]): takes `slot` when the target's window has room and
+    /// no pause holds it (`None`), else the milliseconds to wait before asking again.
+    fn rate_take<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+        ask: RateAsk,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+    /// `slot`'s request was answered: it counts for one window from now.
+    fn rate_done<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Holds every request to `target`, from every instance, for `ms`.
+    fn rate_pause<'a>(&'a self, target: &'a str, ms: u64)
+        -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// What every store must do alike, run against each ([`sqlite`]'s tests and [`redis`]'s):
@@ -410,6 +430,30 @@ pub(crate) mod contract {
         assert_eq!(loaded, [Some("b".to_string()), None]);
 
         content_hashes(store).await;
+        rate(store).await;
+    }
+
+    /// The rate: two slots per window, a third waits until one was answered a window ago;
+    /// a pause holds every slot; targets are apart.
+    async fn rate(store: &dyn Store) {
+        let ask = RateAsk {
+            max: 2,
+            window_ms: 400,
+            hold_ms: 60_000,
+        };
+        assert_eq!(store.rate_take("crm", "s1", ask).await.unwrap(), None);
+        assert_eq!(store.rate_take("crm", "s2", ask).await.unwrap(), None);
+        let wait = store.rate_take("crm", "s3", ask).await.unwrap();
+        assert!(wait.is_some_and(|w| w > 400), "both in flight: {wait:?}");
+        assert_eq!(store.rate_take("other", "o1", ask).await.unwrap(), None);
+        store.rate_done("crm", "s1").await.unwrap();
+        let wait = store.rate_take("crm", "s3", ask).await.unwrap();
+        assert!(wait.is_some_and(|w| w <= 400), "s1 answered: {wait:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(wait.unwrap() + 20)).await;
+        assert_eq!(store.rate_take("crm", "s3", ask).await.unwrap(), None);
+        store.rate_pause("other", 300).await.unwrap();
+        let wait = store.rate_take("other", "o2", ask).await.unwrap();
+        assert!(wait.is_some_and(|w| w > 200 && w <= 300), "paused: {wait:?}");
     }
 
     /// The content hashes: kept and read per source in the order asked, overwritten,

@@ -21,6 +21,8 @@ pub struct EmbeddedStore {
     dedupe_window: Duration,
     retention: Duration,
     history_max: usize,
+    /// REST targets' rates: one process, so in memory.
+    rates: super::rate::LocalRates,
 }
 
 /// A status as kept in `objects.statuses`, with the rank of its state.
@@ -51,6 +53,7 @@ impl EmbeddedStore {
             dedupe_window,
             retention,
             history_max,
+            rates: super::rate::LocalRates::default(),
         }
     }
 
@@ -635,6 +638,36 @@ impl Store for EmbeddedStore {
                 .await
                 .map_err(unavailable)
         })
+    }
+
+    fn rate_take<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+        ask: super::RateAsk,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let wait = self
+            .rates
+            .with(target, |s| s.take(slot, ask, unix_ms_now()));
+        Box::pin(async move { Ok(wait) })
+    }
+
+    fn rate_done<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.rates.with(target, |s| s.done(slot, unix_ms_now()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn rate_pause<'a>(
+        &'a self,
+        target: &'a str,
+        ms: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.rates.with(target, |s| s.pause(ms, unix_ms_now()));
+        Box::pin(async { Ok(()) })
     }
 }
 

@@ -32,6 +32,7 @@ mod script;
 mod test_support;
 mod xdto;
 
+pub use rules::Filter;
 pub use xdto::to_xdto;
 
 use crate::model::Op;

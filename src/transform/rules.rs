@@ -128,25 +128,7 @@ impl Rules {
 
     /// Ok when every condition holds; else the reason, naming the first failing one.
     pub(super) fn check_filter(&self, data: Option<&Value>) -> Result<(), String> {
-        for check in &self.filter {
-            let mut found = Vec::new();
-            if let Some(data) = data {
-                visit_values(data, &check.path.segments, &mut |v| found.push(v));
-            }
-            if !check.holds(&found) {
-                let path = &check.path.text;
-                let actual = match found.as_slice() {
-                    [] => "absent".to_string(),
-                    [one] => short_json(one),
-                    many => short_json(&Value::Array(many.iter().map(|v| (*v).clone()).collect())),
-                };
-                return Err(format!(
-                    "filter {path} {} is not met: {path} is {actual}",
-                    check.describe()
-                ));
-            }
-        }
-        Ok(())
+        check_all(&self.filter, data)
     }
 
     /// Replaces the plain GUIDs at the declared reference paths that `remap` knows.
@@ -217,6 +199,51 @@ fn compile_rename(at: &str, name: Option<&String>, problems: &mut Vec<String>) -
             None
         }
     }
+}
+
+/// Conditions checked and compiled outside a route's rules (a webhook entry's `filter`).
+#[derive(Debug)]
+pub struct Filter(Vec<Check>);
+
+impl Filter {
+    /// Checks `conditions`; every problem is a sentence starting with `at`.
+    pub fn compile(at: &str, conditions: &[Condition]) -> Result<Filter, Vec<String>> {
+        let mut problems = Vec::new();
+        let checks = compile_filter(at, conditions, &mut problems);
+        if problems.is_empty() {
+            Ok(Filter(checks))
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// `Ok` when every condition holds on `data`, else the first that doesn't, in words.
+    pub fn check(&self, data: &Value) -> Result<(), String> {
+        check_all(&self.0, Some(data))
+    }
+}
+
+/// Every check on `data`: the first not met, in words.
+fn check_all(checks: &[Check], data: Option<&Value>) -> Result<(), String> {
+    for check in checks {
+        let mut found = Vec::new();
+        if let Some(data) = data {
+            visit_values(data, &check.path.segments, &mut |v| found.push(v));
+        }
+        if !check.holds(&found) {
+            let path = &check.path.text;
+            let actual = match found.as_slice() {
+                [] => "absent".to_string(),
+                [one] => short_json(one),
+                many => short_json(&Value::Array(many.iter().map(|v| (*v).clone()).collect())),
+            };
+            return Err(format!(
+                "filter {path} {} is not met: {path} is {actual}",
+                check.describe()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn compile_filter(at: &str, filter: &[Condition], problems: &mut Vec<String>) -> Vec<Check> {

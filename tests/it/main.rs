@@ -23,6 +23,8 @@ mod bad_input;
 mod cli;
 mod cml_site;
 mod commerceml;
+mod crm;
+mod crm_rest;
 mod demo;
 mod docs;
 mod failures;

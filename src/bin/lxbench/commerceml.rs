@@ -241,11 +241,12 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
     n
 }
 
-/// The refs the sink received.
+/// The refs the sink received, and how many changes (a redelivery counts again); `--webhook`
+/// delivers to it too.
 #[derive(Default)]
-struct Sink {
-    refs: Mutex<HashSet<String>>,
-    changes: AtomicUsize,
+pub(crate) struct Sink {
+    pub(crate) refs: Mutex<HashSet<String>>,
+    pub(crate) changes: AtomicUsize,
 }
 
 async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> String {
@@ -267,7 +268,8 @@ async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> String {
     json!({"results": []}).to_string()
 }
 
-async fn serve_sink(sink: Arc<Sink>) -> (String, tokio::task::JoinHandle<()>) {
+/// Serves the sink's `POST /sink` on a free port; its URL and the server task.
+pub(crate) async fn serve_sink(sink: Arc<Sink>) -> (String, tokio::task::JoinHandle<()>) {
     let app = axum::Router::new()
         .route("/sink", post(receive))
         .with_state(sink);

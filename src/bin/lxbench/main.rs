@@ -15,7 +15,7 @@
 //! The parts: `throughput` (the sink, posting, the figures of a scenario), `bridge`
 //! (starting, stopping and cleaning up after an lxbridge), `baseline` (raw RabbitMQ),
 //! `pull` (`--pull-latency`), `transform` (`--transform`), `commerceml` (`--commerceml`),
-//! `site` (`--commerceml-site`).
+//! `site` (`--commerceml-site`), `webhook` (`--webhook`).
 
 mod baseline;
 mod bridge;
@@ -24,6 +24,7 @@ mod pull;
 mod site;
 mod throughput;
 mod transform;
+mod webhook;
 
 use baseline::run_baseline;
 use clap::Parser;
@@ -33,6 +34,7 @@ use serde_json::{json, Value};
 use site::site_bench;
 use throughput::run_bridge;
 use transform::transform_bench;
+use webhook::webhook_bench;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -40,7 +42,8 @@ use transform::transform_bench;
     about = "End-to-end benchmark of lxbridge against raw RabbitMQ"
 )]
 struct Args {
-    /// Run the standard scenarios of BENCHMARKS.md (ignores the shape options below).
+    /// Run the standard scenarios of BENCHMARKS.md, `--webhook` last (ignores the shape
+    /// options below).
     #[arg(long)]
     all: bool,
     /// Scenario name printed in the JSON line.
@@ -84,6 +87,16 @@ struct Args {
     /// The products of that scenario.
     #[arg(long, default_value_t = 10_000)]
     site_products: usize,
+    /// POST signed webhooks (an amoCRM-style form, then a JSON body) to `[node.webhook]`
+    /// nodes routed to a push sink, one event per request: requests/s accepted, latency.
+    #[arg(long)]
+    webhook: bool,
+    /// The requests of that scenario, per body.
+    #[arg(long, default_value_t = 20_000)]
+    webhook_requests: usize,
+    /// The requests of that scenario in flight.
+    #[arg(long, default_value_t = 64)]
+    webhook_connections: usize,
     /// Measure the transform cost per change instead (no broker needed).
     #[arg(long)]
     transform: bool,
@@ -228,6 +241,10 @@ async fn main() {
         .await;
         return;
     }
+    if args.webhook {
+        webhook_bench(&webhook_args(&args)).await;
+        return;
+    }
     if !args.all {
         scenario(&args).await;
         return;
@@ -274,5 +291,15 @@ async fn main() {
     ];
     for s in &scenarios {
         scenario(s).await;
+    }
+    webhook_bench(&webhook_args(&base)).await;
+}
+
+/// The shape of `--webhook`: its own request count and requests in flight.
+fn webhook_args(args: &Args) -> Args {
+    Args {
+        n: args.webhook_requests,
+        connections: args.webhook_connections,
+        ..args.clone()
     }
 }

@@ -18,6 +18,7 @@
 //!   not read; replaced by compare-and-set)
 //! - `cml:<source>`    hash: `<type>\u{1f}<ref>` → the hash of the content that object of a
 //!   CommerceML source had when last accepted (`hashes`); no expiry
+//! - `rate:<target>`, `pause:<target>` a REST target's rate slots and pause (`rate`)
 //!
 //! The `{<ref>}` hash tag keeps an object's keys in one Redis Cluster slot, a first step to
 //! Cluster; today one script call records up to 200 objects at once, so a single Redis (or
@@ -25,11 +26,13 @@
 
 mod connect;
 mod hashes;
+mod rate;
 mod record;
 mod scripts;
 
 use super::{
-    Admission, IdState, MarkKey, ObjectView, Record, Store, StoreError, PENDING_ID_TTL_SECS,
+    Admission, IdState, MarkKey, ObjectView, RateAsk, Record, Store, StoreError,
+    PENDING_ID_TTL_SECS,
 };
 use crate::clock::rfc3339_now;
 use crate::config::Config;
@@ -62,6 +65,7 @@ pub struct RedisStore {
     group_cas_script: redis::Script,
     counter_script: redis::Script,
     renew_script: redis::Script,
+    rate_scripts: rate::RateScripts,
     /// The last value of the `beat` key this process saw (0: none yet).
     last_beat: std::sync::atomic::AtomicI64,
 }
@@ -90,6 +94,7 @@ impl RedisStore {
             group_cas_script: redis::Script::new(GROUP_CAS_LUA),
             counter_script: redis::Script::new(COUNTER_LUA),
             renew_script: redis::Script::new(RENEW_LUA),
+            rate_scripts: rate::RateScripts::new(),
             last_beat: std::sync::atomic::AtomicI64::new(0),
         })
     }
@@ -529,6 +534,31 @@ impl Store for RedisStore {
         source: &'a str,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.timed(self.forget_hashes(source))
+    }
+
+    fn rate_take<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+        ask: RateAsk,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        self.timed(self.take_slot(target, slot, ask))
+    }
+
+    fn rate_done<'a>(
+        &'a self,
+        target: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.timed(self.slot_done(target, slot))
+    }
+
+    fn rate_pause<'a>(
+        &'a self,
+        target: &'a str,
+        ms: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.timed(self.pause_target(target, ms))
     }
 }
 

@@ -93,3 +93,40 @@ for i = 1, #KEYS do
 end
 return 1
 "#;
+
+/// A REST target's rate, the rule of `store::rate`. KEYS[1] the slots (a sorted set,
+/// slot → the time it stops counting as in flight, or was answered), KEYS[2] the pause.
+/// ARGV: max, window ms, hold ms, slot. Returns -1 when the slot is taken, else the ms to
+/// wait. Times are Redis's clock, the same for every instance.
+pub(super) const RATE_TAKE_LUA: &str = r#"
+local max, window, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return paused end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < max then
+  redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], hold + window + 1000)
+  return -1
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(tonumber(first[2]) + window - now, 1)
+"#;
+
+/// A rate slot answered: scored with Redis's clock now (if it is still there). KEYS[1] the
+/// slots, ARGV[1] the slot.
+pub(super) const RATE_DONE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+return 1
+"#;
+
+/// A pause of every request to a target: KEYS[1] set for ARGV[1] ms, unless a longer pause
+/// is already set.
+pub(super) const RATE_PAUSE_LUA: &str = r#"
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+return 1
+"#;
