@@ -74,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/nodes/{node}/changes", post(ingress::post_changes))
         .route("/api/v1/nodes/{node}/inbox", get(ingress::get_inbox))
+        .route("/api/v1/nodes/{node}/webhook", post(ingress::post_webhook))
         .route(
             "/api/v1/nodes/{node}/commerceml",
             get(ingress::commerceml::commerceml).post(ingress::commerceml::commerceml),
@@ -233,6 +234,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, App
         dlq_lock: tokio::sync::Mutex::new(()),
         inboxes,
         commerceml: Default::default(),
+        webhooks: ingress::webhook::Webhooks::from_config(&config),
         shutdown: tasks.shutdown.clone(),
     });
     spawn_queue_depths(&state, tasks.shutdown.clone(), &tasks.broker);
@@ -370,7 +372,7 @@ fn start_deliveries(
         inboxes.insert(node.name.clone(), inbox);
     }
     for (node, deliver) in config.push_targets() {
-        let target = PushTarget::new(deliver, core(&node.name, deliver)?)?;
+        let target = PushTarget::new(deliver, core(&node.name, deliver)?, metrics)?;
         announce(&target);
         target.start(tasks.shutdown.clone(), &tasks.deliveries);
     }

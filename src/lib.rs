@@ -27,8 +27,8 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod route;
-pub mod template;
 pub mod store;
+pub mod template;
 pub mod tls;
 pub mod topic;
 pub mod transform;
@@ -50,6 +50,8 @@ pub struct AppState {
     pub inboxes: HashMap<String, Arc<deliver::pull::Inbox>>,
     /// The CommerceML imports this process runs.
     pub commerceml: ingress::commerceml::Imports,
+    /// The webhook nodes' entries, compiled.
+    pub webhooks: ingress::webhook::Webhooks,
     /// Cancelled on shutdown: long polls end early.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -12,6 +12,7 @@ pub struct Metrics {
     registry: Registry,
     pub ingress_requests: IntCounterVec,
     pub commerceml: CommerceMlMetrics,
+    pub integrations: IntegrationMetrics,
     pub changes_accepted: IntCounterVec,
     pub changes_rejected: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -137,6 +138,59 @@ impl CommerceMlMetrics {
     }
 }
 
+/// Webhooks in and REST calls out (docs/integrations.md "Metrics").
+pub struct IntegrationMetrics {
+    pub webhook_requests: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub rate_waits: IntCounterVec,
+}
+
+/// Label handles for one REST target.
+#[derive(Clone)]
+pub struct RestMetrics {
+    pub ok: IntCounter,
+    pub refused: IntCounter,
+    pub throttled: IntCounter,
+    pub unreachable: IntCounter,
+    pub rate_waits: IntCounter,
+}
+
+impl IntegrationMetrics {
+    fn new(r: &Registry) -> IntegrationMetrics {
+        IntegrationMetrics {
+            webhook_requests: counter_vec(
+                r,
+                "lx_webhook_requests_total",
+                "Webhook requests by node and the HTTP status answered",
+                &["node", "status"],
+            ),
+            http_requests: counter_vec(
+                r,
+                "lx_http_requests_total",
+                "Requests to REST targets by outcome (ok, refused, throttled, unreachable)",
+                &["target", "outcome"],
+            ),
+            rate_waits: counter_vec(
+                r,
+                "lx_rate_waits_total",
+                "Requests to a REST target that waited for a rate slot",
+                &["target"],
+            ),
+        }
+    }
+
+    pub fn rest(&self, target: &str) -> RestMetrics {
+        let outcome = |o: &str| self.http_requests.with_label_values(&[target, o]);
+        RestMetrics {
+            ok: outcome("ok"),
+            refused: outcome("refused"),
+            throttled: outcome("throttled"),
+            unreachable: outcome("unreachable"),
+            rate_waits: self.rate_waits.with_label_values(&[target]),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -160,6 +214,7 @@ impl Metrics {
                 &["node", "code"],
             ),
             commerceml: CommerceMlMetrics::new(&r),
+            integrations: IntegrationMetrics::new(&r),
             changes_accepted: counter_vec(
                 &r,
                 "lx_changes_accepted_total",

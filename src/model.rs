@@ -13,6 +13,15 @@ pub enum Op {
     Delete,
 }
 
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Delete => "delete",
+        }
+    }
+}
+
 /// One object's new state (or deletion) at its source node, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {

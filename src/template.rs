@@ -81,20 +81,20 @@ impl Template {
         }
     }
 
-    /// The text, each placeholder replaced by its value's text (`encode`d when given): a
-    /// string as it is, a number or boolean as JSON. A placeholder the lookup doesn't find,
+    /// The text, each placeholder replaced by its value's text, `encode(placeholder, text)`:
+    /// a string as it is, a number or boolean as JSON. A placeholder the lookup doesn't find,
     /// or that holds null, an object or an array, is an error naming it.
     pub fn render<'v>(
         &self,
         lookup: impl Fn(&str) -> Option<&'v Value>,
-        encode: impl Fn(&str) -> Cow<'_, str>,
+        encode: impl for<'t> Fn(&str, &'t str) -> Cow<'t, str>,
     ) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => match lookup(f) {
-                    Some(v) => out.push_str(&encode(&text_of(f, v)?)),
+                    Some(v) => out.push_str(&encode(f, &text_of(f, v)?)),
                     None => return Err(format!("{{{f}}} is absent")),
                 },
             }
@@ -128,7 +128,7 @@ pub fn lookup<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
 }
 
 /// No encoding: the value's text as it is.
-pub fn plain(text: &str) -> Cow<'_, str> {
+pub fn plain<'t>(_placeholder: &str, text: &'t str) -> Cow<'t, str> {
     Cow::Borrowed(text)
 }
 

@@ -32,7 +32,9 @@ pub use node::{
     valid_node_name, Auth, CommerceMlConfig, DeliverConfig, DeliverMode, Format, MissingRefs,
     NodeConfig, QueryEncoding,
 };
-pub use rest::{compile_requests, BodyTemplate, Expect, Rate, Request, RequestConfig, TypeRequests};
+pub use rest::{
+    compile_requests, BodyTemplate, Expect, Rate, Request, RequestConfig, TypeRequests,
+};
 pub use route::{type_pattern_problem, ConflictPolicy, GroupConfig, RouteConfig};
 pub use server::{AdminConfig, LogFormat, RetryConfig, ServerConfig};
 pub use webhook::{WebhookAuth, WebhookChange, WebhookConfig, WebhookEntry};

@@ -184,6 +184,21 @@ fn default_lease() -> Duration {
     Duration::from_secs(60)
 }
 
+impl DeliverConfig {
+    /// Rewrites references through the remap table: `remap`, or a REST target whose
+    /// requests learn the service's ids.
+    pub fn remaps(&self) -> bool {
+        self.remap
+            || (self.mode == DeliverMode::Http
+                && self.requests.values().any(|r| {
+                    [Some(r), r.update.as_deref(), r.delete.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .any(|r| r.id.is_some())
+                }))
+    }
+}
+
 /// `[a-z0-9_-]{1,64}`: node names appear in exchange names, queue names and URLs.
 pub fn valid_node_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

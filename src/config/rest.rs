@@ -161,10 +161,14 @@ pub struct TypeRequests {
 impl TypeRequests {
     /// Any request learns an id from its answer (then the target remaps).
     pub fn learns_ids(&self) -> bool {
-        [Some(&self.create), self.update.as_ref(), self.delete.as_ref()]
-            .into_iter()
-            .flatten()
-            .any(|r| r.id.is_some())
+        [
+            Some(&self.create),
+            self.update.as_ref(),
+            self.delete.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|r| r.id.is_some())
     }
 }
 
@@ -248,7 +252,9 @@ impl RequestConfig {
         let headers = self.headers(at, problems);
         let body = BodyTemplate::compile(
             &format!("{at}: body"),
-            self.body.as_ref().unwrap_or(&Value::String("{data}".into())),
+            self.body
+                .as_ref()
+                .unwrap_or(&Value::String("{data}".into())),
             problems,
         );
         if self.ok.as_ref().is_some_and(|ok| ok.is_empty()) {
@@ -288,7 +294,9 @@ impl RequestConfig {
             let header = reqwest::header::HeaderName::from_bytes(name.as_bytes());
             match (header, Template::parse(value)) {
                 (Ok(h), Ok(t)) => out.push((h, t)),
-                (Err(_), _) => problems.push(format!("{at}: headers: {name:?} is not a header name")),
+                (Err(_), _) => {
+                    problems.push(format!("{at}: headers: {name:?} is not a header name"))
+                }
                 (_, Err(why)) => problems.push(format!("{at}: headers.{name}: {why}")),
             }
         }

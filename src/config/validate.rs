@@ -337,7 +337,9 @@ fn deliver_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) 
 fn rest_problems(at: &str, deliver: &DeliverConfig, problems: &mut Problems) {
     if deliver.mode != DeliverMode::Http {
         if deliver.rate.is_some() || !deliver.requests.is_empty() {
-            problems.push(format!("{at}: rate and requests are for mode \"http\" only"));
+            problems.push(format!(
+                "{at}: rate and requests are for mode \"http\" only"
+            ));
         }
         return;
     }

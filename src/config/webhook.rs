@@ -97,7 +97,9 @@ impl WebhookChange {
             .map_err(|p| problems.extend(p))
             .ok();
         if let Some(op) = op.as_ref().filter(|op| op.fields().next().is_none()) {
-            let text = op.render(|_| None, crate::template::plain).unwrap_or_default();
+            let text = op
+                .render(|_| None, crate::template::plain)
+                .unwrap_or_default();
             if text != "upsert" && text != "delete" {
                 problems.push(format!(
                     "{at}: op: {text:?} is neither \"upsert\" nor \"delete\""
@@ -105,9 +107,7 @@ impl WebhookChange {
             }
         }
         match (kind, reference, op, id, filter) {
-            (Some(kind), Some(reference), Some(op), id, Some(filter))
-                if problems.is_empty() =>
-            {
+            (Some(kind), Some(reference), Some(op), id, Some(filter)) if problems.is_empty() => {
                 Ok(WebhookEntry {
                     each: self.each.clone(),
                     filter,
@@ -155,9 +155,7 @@ impl WebhookConfig {
             }
         };
         if secret.len() < 8 {
-            problems.push(format!(
-                "{at}: auth.secret must be at least 8 characters"
-            ));
+            problems.push(format!("{at}: auth.secret must be at least 8 characters"));
         }
         if self.changes.is_empty() {
             problems.push(format!(

@@ -32,6 +32,7 @@ pub mod marks;
 pub mod preview;
 pub mod pull;
 pub mod push;
+mod rest;
 mod settle;
 pub mod shape;
 pub mod site;

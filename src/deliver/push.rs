@@ -2,10 +2,12 @@
 //! (docs/api.md "Delivering to a push node"), through [`Core`] for everything but the HTTP.
 //! A circuit breaker per target pauses deliveries while the target is unreachable.
 
+use super::rest::{Rest, Trouble};
 use super::site::{Sent, Site};
 use super::{Answer, Batch, Core, DeliverError, Item};
 use crate::broker::Incoming;
 use crate::config::{Auth, DeliverConfig, DeliverMode};
+use crate::metrics::Metrics;
 use crate::model::{OutgoingChange, StoredChange};
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
@@ -28,33 +30,65 @@ pub struct PushTarget {
     pub client: reqwest::Client,
     pub core: Core,
     breaker: Breaker,
-    /// `mode = "commerceml"`: the site the batches go to as packages, instead of JSON.
-    site: Option<Site>,
+    wire: Wire,
 }
+
+/// How a batch goes to the target.
+enum Wire {
+    /// lxbridge's delivery body (docs/api.md "Delivering to a push node").
+    Json,
+    /// `mode = "commerceml"`: a package to a CommerceML site.
+    Site(Site),
+    /// `mode = "http"`: one REST request per change.
+    Rest(Rest),
+}
+
 impl PushTarget {
-    pub fn new(d: &DeliverConfig, core: Core) -> Result<PushTarget, DeliverError> {
-        let metrics = &core.metrics;
+    pub fn new(
+        d: &DeliverConfig,
+        core: Core,
+        metrics: &Metrics,
+    ) -> Result<PushTarget, DeliverError> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(d.concurrency)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| DeliverError::Client(e.to_string()))?;
-        let site = match d.mode {
-            DeliverMode::Commerceml => Some(Site::new(&core.name, d)?),
-            _ => None,
+        let wire = match d.mode {
+            DeliverMode::Commerceml => Wire::Site(Site::new(&core.name, d)?),
+            DeliverMode::Http => {
+                let rest = metrics.integrations.rest(&core.name);
+                Wire::Rest(Rest::new(
+                    &core.name,
+                    d,
+                    client.clone(),
+                    core.store.clone(),
+                    rest,
+                )?)
+            }
+            _ => Wire::Json,
         };
         Ok(PushTarget {
             name: core.name.clone(),
             url: d.url.clone().unwrap_or_default(),
             auth: d.auth.clone(),
-            batch_max: d.batch_max,
+            // A REST service takes one change per request.
+            batch_max: if matches!(wire, Wire::Rest(_)) {
+                1
+            } else {
+                d.batch_max
+            },
             timeout: d.timeout.0,
             gzip: d.gzip,
             // A site takes one exchange at a time (init wipes what it was sent).
-            concurrency: if site.is_some() { 1 } else { d.concurrency },
+            concurrency: if matches!(wire, Wire::Site(_)) {
+                1
+            } else {
+                d.concurrency
+            },
             client,
-            site,
-            breaker: Breaker::new(metrics.breaker_open.clone()),
+            wire,
+            breaker: Breaker::new(core.metrics.breaker_open.clone()),
             core,
         })
     }
@@ -177,9 +211,10 @@ impl PushTarget {
                 }
                 self.core.metrics.inflight.add(send.len() as i64);
                 let started = Instant::now();
-                let answer = match &self.site {
-                    Some(site) => sent(site.send(&send).await),
-                    None => self.post(&send).await,
+                let answer = match &self.wire {
+                    Wire::Site(site) => sent(site.send(&send).await),
+                    Wire::Rest(rest) => rest.send(&send, cancel).await.map_err(SendError::from),
+                    Wire::Json => self.post(&send).await,
                 };
                 self.core
                     .metrics
@@ -187,6 +222,7 @@ impl PushTarget {
                     .observe(started.elapsed().as_secs_f64());
                 self.core.metrics.inflight.sub(send.len() as i64);
                 match answer {
+                    Err(SendError::Cancelled) => return, // unacked, redelivered after restart
                     Err(SendError::Unreachable(e)) => {
                         if self.breaker.unreachable(probe, &self.core.name, &e) {
                             held = true;
@@ -279,6 +315,17 @@ enum SendError {
     Unreachable(String),
     /// The target answered, but not 2xx: the batch goes to its retry step.
     Refused(String),
+    /// Shutting down while the batch waited (for a rate slot, a pause): not settled.
+    Cancelled,
+}
+
+impl From<Trouble> for SendError {
+    fn from(t: Trouble) -> SendError {
+        match t {
+            Trouble::Unreachable(why) => SendError::Unreachable(why),
+            Trouble::Cancelled => SendError::Cancelled,
+        }
+    }
 }
 
 /// A circuit breaker per target: after `THRESHOLD` unreachable answers in a row it opens;

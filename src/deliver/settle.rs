@@ -25,6 +25,11 @@ impl Answer {
     pub(crate) fn refuse(&mut self, id: &str, error: String, retry: bool) {
         self.errors.insert(id.to_string(), (error, retry));
     }
+
+    /// Records change `id` as delivered with the target's own ref for the object.
+    pub(crate) fn learned(&mut self, id: &str, target_ref: String) {
+        self.target_refs.insert(id.to_string(), target_ref);
+    }
 }
 
 /// Reads a target's answer body (docs/api.md "Delivering to a push node": optional `results`);

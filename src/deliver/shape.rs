@@ -84,14 +84,14 @@ impl Shaping {
         }
         let needed = deliver.format != Format::Lxbridge
             || deliver.missing_refs != MissingRefs::Ignore
-            || deliver.remap
+            || deliver.remaps()
             || routes.iter().any(|r| !r.mapping.is_identity());
         Ok(Shaping {
             routes,
             identity: Arc::new(Compiled::identity()),
             format: deliver.format,
             missing_refs: deliver.missing_refs,
-            remap: deliver.remap,
+            remap: deliver.remaps(),
             needed,
         })
     }

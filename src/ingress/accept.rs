@@ -128,13 +128,26 @@ pub(crate) async fn accept_changes(
     node: &str,
     changes: Vec<Change>,
 ) -> Result<Vec<Verdict>, Unavailable> {
+    let verdicts = accept_with_ids(app, node, changes).await?;
+    Ok(verdicts.into_iter().map(|(verdict, _)| verdict).collect())
+}
+
+/// [`accept_changes`] with each change's id: the sender's, or the one given when published.
+pub(crate) async fn accept_with_ids(
+    app: &AppState,
+    node: &str,
+    changes: Vec<Change>,
+) -> Result<Vec<(Verdict, Option<String>)>, Unavailable> {
     let items = decide(app, node, changes.into_iter().map(Ok).collect()).await?;
-    let verdict = |item: Item| match item.fate {
-        Fate::Accepted { .. } | Fate::Dropped { .. } => Verdict::Accepted,
-        Fate::Duplicate => Verdict::Duplicate,
-        Fate::Unroutable(_) => Verdict::Unroutable,
-        Fate::Rejected(why) => Verdict::Rejected(why),
-        Fate::Publish { .. } => Verdict::Rejected("not published".into()),
+    let verdict = |item: Item| {
+        let verdict = match item.fate {
+            Fate::Accepted { .. } | Fate::Dropped { .. } => Verdict::Accepted,
+            Fate::Duplicate => Verdict::Duplicate,
+            Fate::Unroutable(_) => Verdict::Unroutable,
+            Fate::Rejected(why) => Verdict::Rejected(why),
+            Fate::Publish { .. } => Verdict::Rejected("not published".into()),
+        };
+        (verdict, item.id)
     };
     Ok(items.into_iter().map(verdict).collect())
 }

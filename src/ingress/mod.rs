@@ -1,5 +1,5 @@
-//! The node endpoints: `POST /api/v1/nodes/{node}/changes` (docs/api.md "Publishing changes")
-//! and the pull endpoints ([`inbox`]). A changes request is authenticated here, its body
+//! The node endpoints: `POST /api/v1/nodes/{node}/changes` (docs/api.md "Publishing changes"),
+//! the pull endpoints ([`inbox`]), CommerceML ([`commerceml`]) and webhooks ([`webhook`]). A changes request is authenticated here, its body
 //! read and split into items ([`body`]), and each item accepted or rejected ([`accept`]:
 //! routing, dedupe by id, parallel copies, publishing through the broker, records).
 //!
@@ -18,9 +18,12 @@ use std::sync::Arc;
 pub(crate) mod accept;
 mod body;
 pub mod commerceml;
+mod form;
 mod inbox;
+pub mod webhook;
 
 pub use inbox::{get_inbox, post_inbox_ack, InboxQuery};
+pub use webhook::post_webhook;
 
 /// `POST /api/v1/nodes/{node}/changes`
 pub async fn post_changes(

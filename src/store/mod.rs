@@ -278,8 +278,7 @@ pub trait Store: Send + Sync + 'static {
         slot: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Holds every request to `target`, from every instance, for `ms`.
-    fn rate_pause<'a>(&'a self, target: &'a str, ms: u64)
-        -> BoxFuture<'a, Result<(), StoreError>>;
+    fn rate_pause<'a>(&'a self, target: &'a str, ms: u64) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// What every store must do alike, run against each ([`sqlite`]'s tests and [`redis`]'s):
@@ -453,7 +452,10 @@ pub(crate) mod contract {
         assert_eq!(store.rate_take("crm", "s3", ask).await.unwrap(), None);
         store.rate_pause("other", 300).await.unwrap();
         let wait = store.rate_take("other", "o2", ask).await.unwrap();
-        assert!(wait.is_some_and(|w| w > 200 && w <= 300), "paused: {wait:?}");
+        assert!(
+            wait.is_some_and(|w| w > 200 && w <= 300),
+            "paused: {wait:?}"
+        );
     }
 
     /// The content hashes: kept and read per source in the order asked, overwritten,

@@ -37,7 +37,8 @@ impl Slots {
         let window = ask.window_ms as i64;
         self.scores.retain(|_, score| *score > now - window);
         if self.scores.len() < ask.max as usize {
-            self.scores.insert(slot.to_string(), now + ask.hold_ms as i64);
+            self.scores
+                .insert(slot.to_string(), now + ask.hold_ms as i64);
             return None;
         }
         let first = self.scores.values().copied().min().unwrap_or(now);

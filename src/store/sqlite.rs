@@ -661,11 +661,7 @@ impl Store for EmbeddedStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn rate_pause<'a>(
-        &'a self,
-        target: &'a str,
-        ms: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn rate_pause<'a>(&'a self, target: &'a str, ms: u64) -> BoxFuture<'a, Result<(), StoreError>> {
         self.rates.with(target, |s| s.pause(ms, unix_ms_now()));
         Box::pin(async { Ok(()) })
     }

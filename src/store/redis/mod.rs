@@ -553,11 +553,7 @@ impl Store for RedisStore {
         self.timed(self.slot_done(target, slot))
     }
 
-    fn rate_pause<'a>(
-        &'a self,
-        target: &'a str,
-        ms: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn rate_pause<'a>(&'a self, target: &'a str, ms: u64) -> BoxFuture<'a, Result<(), StoreError>> {
         self.timed(self.pause_target(target, ms))
     }
 }
