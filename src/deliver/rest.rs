@@ -13,7 +13,7 @@
 
 use super::push::describe;
 use super::{Answer, Item};
-use crate::config::{BodyTemplate, DeliverConfig, Rate, Request, TypeRequests};
+use crate::config::{Auth, BodyTemplate, DeliverConfig, Rate, Request, TypeRequests};
 use crate::metrics::RestMetrics;
 use crate::store::{RateAsk, Store};
 use crate::template::{lookup, plain, Template};
@@ -50,6 +50,8 @@ pub struct Rest {
     requests: BTreeMap<String, TypeRequests>,
     rate: RateAsk,
     timeout: Duration,
+    /// `[node.deliver] auth`, sent with every request (beside the templates' headers).
+    auth: Option<Auth>,
     client: reqwest::Client,
     store: Arc<dyn Store>,
     metrics: RestMetrics,
@@ -97,6 +99,7 @@ impl Rest {
                 hold_ms: d.timeout.0.as_millis() as u64 + 1000,
             },
             timeout: d.timeout.0,
+            auth: d.auth.clone(),
             client,
             store,
             metrics,
@@ -105,7 +108,8 @@ impl Rest {
         })
     }
 
-    /// Sends each item as its own request, in order; the answer of each.
+    /// Sends each item as its own request, in order; the answer of each. (A push target of
+    /// this wire has `batch_max` 1: an unreachable service fails the one change sent.)
     pub(super) async fn send(
         &self,
         items: &[Item],
@@ -235,6 +239,11 @@ impl Rest {
             .client
             .request(r.request.method.clone(), &r.url)
             .timeout(self.timeout);
+        request = match &self.auth {
+            Some(Auth::Bearer(token)) => request.bearer_auth(token),
+            Some(Auth::Basic { user, password }) => request.basic_auth(user, Some(password)),
+            None => request,
+        };
         for (name, value) in &r.headers {
             request = request.header(name, value);
         }

@@ -14,17 +14,18 @@ pub(super) enum BodyKind {
     NdJson,
 }
 
-pub(super) fn body_kind(headers: &HeaderMap) -> Result<BodyKind, String> {
+/// `Content-Type` as sent, and its media type lower-cased without parameters.
+pub(super) fn media_type(headers: &HeaderMap) -> (&str, String) {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    (ct, essence.to_ascii_lowercase())
+}
+
+pub(super) fn body_kind(headers: &HeaderMap) -> Result<BodyKind, String> {
+    let (_, essence) = media_type(headers);
     match essence.as_str() {
         "application/json" => Ok(BodyKind::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyKind::NdJson),

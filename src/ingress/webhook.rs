@@ -19,7 +19,7 @@ use crate::template::{lookup, plain, Template};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -134,16 +134,7 @@ async fn handle(
 
 /// JSON or a form (`true`); anything else is refused, naming what is taken.
 fn content_kind(headers: &HeaderMap) -> Result<bool, String> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let (ct, essence) = body::media_type(headers);
     match essence.as_str() {
         "application/json" => Ok(false),
         "application/x-www-form-urlencoded" => Ok(true),

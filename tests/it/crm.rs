@@ -427,6 +427,7 @@ const B24_APP_TOKEN: &str = "b24apptoken0123456789abcdef";
 const HOOKS: &str = r#"
 [server]
 listen = "127.0.0.1:0"
+max_body_bytes = 65536
 [broker]
 url = "{amqp}"
 prefix = "{prefix}"
@@ -688,6 +689,16 @@ async fn refused_requests(bridge: &Bridge) -> Vec<(&'static str, u16, Value, &'s
     out.push(("text/plain", s, a, ""));
     let (s, a) = webhook(bridge, "nosuch", "application/json", &right, &item).await;
     out.push(("an unknown node", s, a, ""));
+    let big = json!({"items": [{"sku": "908", "attrs": {"pad": "x".repeat(70_000)}}]});
+    let (s, a) = webhook(
+        bridge,
+        "hooked",
+        "application/json",
+        &right,
+        &big.to_string(),
+    )
+    .await;
+    out.push(("over server.max_body_bytes", s, a, "max_body_bytes"));
     // Lead 907 lacks last_modified, which its id template needs; 906 is fine but the
     // event is not half accepted.
     let body = "leads[status][0][id]=906&leads[status][0][last_modified]=1700000000\
@@ -699,7 +710,7 @@ async fn refused_requests(bridge: &Bridge) -> Vec<(&'static str, u16, Value, &'s
 
 async fn webhook_refusals_publish_nothing(backend: Backend) {
     let (bridge, sink) = start_hooks(backend, "crm-refuse").await;
-    let expected = [401, 401, 401, 401, 401, 401, 400, 415, 404, 422];
+    let expected = [401, 401, 401, 401, 401, 401, 400, 415, 404, 413, 422];
     let answers = refused_requests(&bridge).await;
     let mut wrong = Vec::new();
     for ((what, status, answer, word), want) in answers.iter().zip(expected) {
@@ -732,7 +743,7 @@ async fn webhook_refusals_publish_nothing(backend: Backend) {
         "only the good webhook published"
     );
     let base = bridge.url("");
-    for r in ["901", "902", "903", "904", "905", "906", "907"] {
+    for r in ["901", "902", "903", "904", "905", "906", "907", "908"] {
         let (status, body) = object(&bridge.http, &base, r).await;
         assert_eq!(status, 404, "{r} was never accepted: {body}");
     }
@@ -753,6 +764,7 @@ async fn webhook_refusals_publish_nothing(backend: Backend) {
         (count("b24", "401"), 1.0, "b24 401"),
         (count("hooked", "400"), 1.0, "hooked 400"),
         (count("hooked", "415"), 1.0, "hooked 415"),
+        (count("hooked", "413"), 1.0, "hooked 413"),
         (count("amocrm", "422"), 1.0, "amocrm 422"),
         (count("amocrm", "200"), 1.0, "amocrm 200"),
     ];
@@ -796,6 +808,82 @@ async fn bitrix24_events_are_taken_with_their_application_token(backend: Backend
     assert_eq!((status, &none["accepted"]), (200, &json!(0)), "{none}");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(sink.count(), 1, "{:?}", sink.received());
+    bridge.finish().await;
+}
+
+/// The broker away (the connection cut through a proxy): a webhook is 503 with Retry-After and
+/// nothing of it is kept, so the service's resend after the broker is back is accepted, not a
+/// "duplicate" of a change that never went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_while_the_broker_is_away_is_503_and_its_resend_is_accepted() {
+    let sink = Target::start().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let config = HOOKS
+        .replace("@AMO@", AMO_SECRET)
+        .replace("@B24@", B24_APP_TOKEN)
+        .replace("@HOOK@", HOOK_SECRET)
+        .replace("@SINK@", &sink.url());
+    let prefix = unique_prefix("crm-away");
+    let bridge =
+        Bridge::start_with(Backend::Rabbit, &prefix, &config, &proxy.amqp_url(), true).await;
+    proxy.cut();
+    let body = amo_form(&[(920, 142, 1_700_000_000)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut accepted_before = 0;
+    let (status, answer, retry_after) = loop {
+        let ts = now_unix();
+        let resp = bridge
+            .http
+            .post(bridge.url("/api/v1/nodes/amocrm/webhook"))
+            .header("content-type", FORM)
+            .header("X-Signature", sign(AMO_SECRET, Some(ts), &body))
+            .header("X-Timestamp", ts.to_string())
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let answer: Value =
+            serde_json::from_str(&resp.text().await.unwrap()).unwrap_or(Value::Null);
+        if status != 200 || Instant::now() > deadline {
+            break (status, answer, retry_after);
+        }
+        accepted_before += answer["accepted"].as_u64().unwrap_or(0);
+        // The cut is seen within moments; until then the webhook may still go through.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if status == 200 {
+        panic!("the broker's cut was never seen in 20 s: {answer}");
+    }
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("5"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unavailable"),
+        "{answer}"
+    );
+    proxy.restore();
+    bridge.wait_ready(Duration::from_secs(30)).await;
+    let (status, answer) = amo_post(&bridge, FORM, &body, now_unix(), AMO_SECRET).await;
+    assert_eq!(status, 200, "{answer}");
+    let (accepted, duplicate) = (answer["accepted"].as_u64(), answer["duplicate"].as_u64());
+    // Accepted now, unless the first try went through before the cut was seen.
+    let want = if accepted_before > 0 {
+        (Some(0), Some(1))
+    } else {
+        (Some(1), Some(0))
+    };
+    assert_eq!((accepted, duplicate), want, "{answer}");
+    eventually(WAIT, "lead 920 at erp", || {
+        !at_sink(&sink, "920").is_empty()
+    })
+    .await;
     bridge.finish().await;
 }
 
