@@ -33,6 +33,9 @@ pub enum WebhookAuth {
     },
     /// A field of the decoded body equals the secret (Bitrix24's `auth[application_token]`).
     Field { path: String, secret: String },
+    /// A query parameter of the webhook's URL equals the secret, for services that can't
+    /// sign (amoCRM's standard webhooks: the URL given to them carries `?<param>=<secret>`).
+    Query { param: String, secret: String },
 }
 
 /// One `[[node.webhook.changes]]` entry.
@@ -150,6 +153,12 @@ impl WebhookConfig {
             WebhookAuth::Field { path, secret } => {
                 if path.is_empty() {
                     problems.push(format!("{at}: auth.path must not be empty"));
+                }
+                secret
+            }
+            WebhookAuth::Query { param, secret } => {
+                if param.is_empty() {
+                    problems.push(format!("{at}: auth.param must not be empty"));
                 }
                 secret
             }

@@ -26,7 +26,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
 }
 
 /// `+` is a space, `%XX` a byte; the text must be UTF-8.
-fn unescape(raw: &[u8]) -> Result<String, String> {
+pub(super) fn unescape(raw: &[u8]) -> Result<String, String> {
     let mut out = Vec::with_capacity(raw.len());
     let mut bytes = raw.iter();
     while let Some(&b) = bytes.next() {

@@ -18,7 +18,7 @@ use crate::model::{parse_change, Change};
 use crate::template::{lookup, plain, Template};
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -62,11 +62,16 @@ impl Webhooks {
 pub async fn post_webhook(
     State(app): State<Arc<AppState>>,
     Path(node): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let request = Request {
+        headers: &headers,
+        query: query.as_deref().unwrap_or(""),
+    };
     let response = match app.webhooks.0.get(&node) {
-        Some(hook) => handle(&app, &node, hook, &headers, body)
+        Some(hook) => handle(&app, &node, hook, &request, body)
             .await
             .unwrap_or_else(|refusal| refusal),
         None => error_response(
@@ -87,19 +92,27 @@ pub async fn post_webhook(
     response
 }
 
+/// What a webhook request carries besides its body.
+struct Request<'a> {
+    headers: &'a HeaderMap,
+    /// The URL's query, as sent.
+    query: &'a str,
+}
+
 /// The checks in order, then the changes accepted; `Err` is the refusal to answer.
 async fn handle(
     app: &AppState,
     node: &str,
     hook: &Webhook,
-    headers: &HeaderMap,
+    request: &Request<'_>,
     body: Body,
 ) -> Result<Response, Response> {
     let refuse = error_response;
+    let headers = request.headers;
     let is_form =
         content_kind(headers).map_err(|why| refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, why))?;
     let raw = body::read_body(headers, body, app.config.server.max_body_bytes).await?;
-    signed(&hook.auth, headers, &raw).map_err(|why| refuse(StatusCode::UNAUTHORIZED, why))?;
+    signed(&hook.auth, request, &raw).map_err(|why| refuse(StatusCode::UNAUTHORIZED, why))?;
     let root = if is_form {
         form::decode(&raw)
     } else {
@@ -144,10 +157,11 @@ fn content_kind(headers: &HeaderMap) -> Result<bool, String> {
     }
 }
 
-/// A header secret, or the HMAC of the body (and its timestamp's window).
-fn signed(auth: &WebhookAuth, headers: &HeaderMap, raw: &[u8]) -> Result<(), String> {
+/// A header or query secret, or the HMAC of the body (and its timestamp's window).
+fn signed(auth: &WebhookAuth, request: &Request<'_>, raw: &[u8]) -> Result<(), String> {
     let header_text = |name: &str| {
-        headers
+        request
+            .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
@@ -186,8 +200,27 @@ fn signed(auth: &WebhookAuth, headers: &HeaderMap, raw: &[u8]) -> Result<(), Str
                 format!("{header} does not match the body signed with this node's secret")
             })
         }
+        WebhookAuth::Query { param, secret } => {
+            let given = query_param(request.query, param).ok_or_else(|| {
+                format!("the URL has no ?{param}= (the secret given to the service)")
+            })?;
+            if same_secret(given.as_bytes(), secret.as_bytes()) {
+                Ok(())
+            } else {
+                Err(format!("wrong ?{param}= for this node"))
+            }
+        }
         WebhookAuth::Field { .. } => Ok(()),
     }
+}
+
+/// The first value of `name` in a URL query (percent-decoded).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = form::unescape(key.as_bytes()).ok()?;
+        (key == name).then(|| form::unescape(value.as_bytes()).ok())?
+    })
 }
 
 /// A Unix-seconds timestamp within `window` of now, either way (against replays).
@@ -327,6 +360,27 @@ mod tests {
     }
 
     #[test]
+    fn a_query_secret_is_read_decoded() {
+        let auth: WebhookAuth =
+            toml::from_str("kind = \"query\"\nparam = \"secret\"\nsecret = \"a b+c/d=e\"").unwrap();
+        let headers = HeaderMap::new();
+        let check = |query: &str| {
+            signed(
+                &auth,
+                &Request {
+                    headers: &headers,
+                    query,
+                },
+                b"",
+            )
+        };
+        assert_eq!(check("x=1&secret=a%20b%2Bc%2Fd%3De"), Ok(()));
+        assert!(check("secret=a+b").unwrap_err().contains("wrong ?secret="));
+        assert!(check("x=1").unwrap_err().contains("no ?secret="));
+        assert_eq!(query_param("a=1&b=2&a=3", "a").as_deref(), Some("1"));
+    }
+
+    #[test]
     fn hmac_with_a_timestamp_is_checked_on_the_raw_body() {
         let auth: WebhookAuth = toml::from_str(
             "kind = \"hmac\"\nsecret = \"s3cret-key\"\ntimestamp_header = \"X-Timestamp\"",
@@ -346,16 +400,23 @@ mod tests {
             h.insert("x-timestamp", ts.parse().unwrap());
             h
         };
-        assert_eq!(signed(&auth, &headers(sign(&now), &now), body), Ok(()));
+        let check = |h: &HeaderMap, body: &[u8]| {
+            let request = Request {
+                headers: h,
+                query: "",
+            };
+            signed(&auth, &request, body)
+        };
+        assert_eq!(check(&headers(sign(&now), &now), body), Ok(()));
         let other = b"{\"a\":2}";
-        assert!(signed(&auth, &headers(sign(&now), &now), other)
+        assert!(check(&headers(sign(&now), &now), other)
             .unwrap_err()
             .contains("does not match"));
         let old = (crate::clock::unix_ms_now() / 1000 - 600).to_string();
-        assert!(signed(&auth, &headers(sign(&old), &old), body)
+        assert!(check(&headers(sign(&old), &old), body)
             .unwrap_err()
             .contains("window"));
-        assert!(signed(&auth, &HeaderMap::new(), body)
+        assert!(check(&HeaderMap::new(), body)
             .unwrap_err()
             .contains("missing X-Signature"));
     }

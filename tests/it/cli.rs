@@ -127,6 +127,19 @@ fn validate_accepts_the_example_configs() {
         let out = lxbridge(&["validate", "--config", example]);
         assert_eq!(out.status.code(), Some(0), "{example}: {}", describe(&out));
     }
+    // The integrations' examples take their secrets from the environment: each `${NAME}`
+    // they name is set for the check.
+    for name in ["bitrix24", "amocrm", "signed-webhook"] {
+        let example = format!("{}/config/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&example).unwrap();
+        let mut command = Command::new(BIN);
+        command.args(["validate", "--config", &example]).env_remove("LXBRIDGE_CONFIG");
+        for var in text.split("${").skip(1).filter_map(|s| s.split_once('}')) {
+            command.env(var.0, "example-secret-value");
+        }
+        let out = command.output().expect("the lxbridge binary runs");
+        assert_eq!(out.status.code(), Some(0), "{example}: {}", describe(&out));
+    }
 }
 
 #[test]

@@ -479,6 +479,17 @@ ref = "{sku}"
 data = "attrs"
 
 [[node]]
+name = "amoplain"
+token = "amoplain-node-secret"
+[node.webhook]
+auth = { kind = "query", param = "secret", secret = "@HOOK@" }
+[[node.webhook.changes]]
+each = "leads.status"
+type = "AmoCRM.Lead"
+ref = "{id}"
+id = "plain-{id}-{last_modified}"
+
+[[node]]
 name = "erp"
 token = "erp-secret"
 deliver = { mode = "push", url = "@SINK@", batch_max = 50, concurrency = 2 }
@@ -491,6 +502,9 @@ from = "b24"
 to = ["erp"]
 [[route]]
 from = "hooked"
+to = ["erp"]
+[[route]]
+from = "amoplain"
 to = ["erp"]
 "#;
 
@@ -887,7 +901,44 @@ async fn a_webhook_while_the_broker_is_away_is_503_and_its_resend_is_accepted() 
     bridge.finish().await;
 }
 
+/// amoCRM's standard webhooks are not signed: the URL given to amoCRM carries the secret.
+async fn a_secret_in_the_url_authenticates_an_unsigned_webhook(backend: Backend) {
+    let (bridge, sink) = start_hooks(backend, "crm-query").await;
+    let body = amo_form(&[(930, 142, 1_700_000_000)]);
+    let post = |query: String| {
+        let req = bridge
+            .http
+            .post(bridge.url(&format!("/api/v1/nodes/amoplain/webhook{query}")))
+            .header("content-type", FORM)
+            .body(body.clone());
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, answer) = post("?secret=wrong-secret".into()).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = post(String::new()).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = post(format!("?secret={HOOK_SECRET}")).await;
+    assert_eq!((status, &answer["accepted"]), (200, &json!(1)), "{answer}");
+    eventually(WAIT, "lead 930 at erp", || {
+        !at_sink(&sink, "930").is_empty()
+    })
+    .await;
+    assert_eq!(at_sink(&sink, "930")[0]["id"], "plain-930-1700000000");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.count(), 1, "the refused ones published nothing");
+    bridge.finish().await;
+}
+
 both_backends!(
+    a_secret_in_the_url_authenticates_an_unsigned_webhook,
     amocrm_leads_become_changes_and_a_resend_is_a_duplicate,
     webhook_refusals_publish_nothing,
     bitrix24_events_are_taken_with_their_application_token,
