@@ -133,7 +133,9 @@ fn validate_accepts_the_example_configs() {
         let example = format!("{}/config/{name}.toml", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&example).unwrap();
         let mut command = Command::new(BIN);
-        command.args(["validate", "--config", &example]).env_remove("LXBRIDGE_CONFIG");
+        command
+            .args(["validate", "--config", &example])
+            .env_remove("LXBRIDGE_CONFIG");
         for var in text.split("${").skip(1).filter_map(|s| s.split_once('}')) {
             command.env(var.0, "example-secret-value");
         }
