@@ -24,6 +24,7 @@ mod pull;
 mod site;
 mod throughput;
 mod transform;
+mod usage;
 mod webhook;
 
 use baseline::run_baseline;
@@ -211,6 +212,13 @@ async fn wait_until(
 }
 
 /// The `data` of change `i`, about `size` bytes of JSON.
+/// Adds `extra`'s fields to the object `into`.
+fn merge(into: &mut Value, extra: Value) {
+    if let (Value::Object(into), Value::Object(extra)) = (into, extra) {
+        into.extend(extra);
+    }
+}
+
 fn change_json(i: usize, size: usize) -> String {
     let filler = "x".repeat(size.saturating_sub(60));
     format!(
@@ -264,6 +272,14 @@ async fn main() {
             name: "single-c64".into(),
             batch: 1,
             connections: 64,
+            ..base.clone()
+        },
+        Args {
+            name: "paced-100".into(),
+            batch: 1,
+            connections: 4,
+            rate: 100,
+            n: 3_000,
             ..base.clone()
         },
         Args {

@@ -2,6 +2,7 @@
 //! changes once), posting the changes over several connections, and the figures of a run.
 
 use crate::bridge::{bridge_bin, cleanup, process_usage, Bridge};
+use crate::usage::Usage;
 use crate::{change_json, latency_summary, round3, Args};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -108,6 +109,8 @@ pub(crate) async fn run_bridge(args: &Args) -> Value {
     let pid = bridge.child.id();
 
     let posting = Posting::new(args, &bridge.base);
+    let mut usage = Usage::new(args, pid).await;
+    let before = usage.read().await;
     let start = Instant::now();
     posting.run(args, start, epoch).await;
     let accept_secs = start.elapsed().as_secs_f64();
@@ -122,11 +125,14 @@ pub(crate) async fn run_bridge(args: &Args) -> Value {
     .await;
     let total_secs = start.elapsed().as_secs_f64();
     let (rss_mb, cpu_secs) = process_usage(pid);
+    // Settled: the last acks and records land a moment after the last arrival.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cost = Usage::figures(&before, &usage.read().await, args.n, args.n);
     let latencies = send_to_arrival_ms(&sink, &posting.sent_at, expected);
     bridge.stop();
     server.abort();
     cleanup(args, &prefix).await;
-    json!({
+    let mut figures = json!({
         "accepted_per_s": round3(args.n as f64 / accept_secs),
         "delivered_per_s": round3(sink.received.load(Ordering::SeqCst) as f64 / total_secs),
         "delivered": sink.received.load(Ordering::SeqCst),
@@ -134,7 +140,9 @@ pub(crate) async fn run_bridge(args: &Args) -> Value {
         "peak_rss_mb": round3(rss_mb),
         "cpu_s": round3(cpu_secs),
         "seconds": round3(total_secs),
-    })
+    });
+    crate::merge(&mut figures, cost);
+    figures
 }
 
 /// Serves the sink's `POST /sink/<target>` on a free port; its base URL and the server task.
