@@ -47,6 +47,32 @@ pub enum State {
 }
 
 impl State {
+    /// The state's name, as the API shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Retrying => "retrying",
+            State::Delivered => "delivered",
+            State::Dead => "dead",
+            State::Superseded => "superseded",
+            State::Filtered => "filtered",
+        }
+    }
+
+    /// The state of a name, the inverse of [`State::name`].
+    pub fn from_name(name: &str) -> Option<State> {
+        [
+            State::Queued,
+            State::Retrying,
+            State::Delivered,
+            State::Dead,
+            State::Superseded,
+            State::Filtered,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+
     /// For the same change, a later state never gives way to an earlier one (a late
     /// `queued` write can't hide `delivered`).
     pub(crate) fn rank(self) -> u8 {
@@ -297,7 +323,7 @@ pub(crate) mod contract {
         crate::config::Config::parse(&text, "contract").expect("the contract's config parses")
     }
 
-    fn record(seq: i64, state: State, revive: bool, event: &str) -> Record {
+    pub(crate) fn record(seq: i64, state: State, revive: bool, event: &str) -> Record {
         Record {
             reference: "r-1".into(),
             statuses: vec![StatusUpdate {

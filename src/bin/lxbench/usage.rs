@@ -44,7 +44,12 @@ impl Usage {
 
     /// The figures between `before` and `after` for `changes` changes that left `objects`
     /// objects in the store.
-    pub(crate) fn figures(before: &Reading, after: &Reading, changes: usize, objects: usize) -> Value {
+    pub(crate) fn figures(
+        before: &Reading,
+        after: &Reading,
+        changes: usize,
+        objects: usize,
+    ) -> Value {
         let per = |secs: f64| round3(secs * 1e6 / changes.max(1) as f64);
         let mut out = json!({
             "cpu_us_per_change": per(after.bridge_cpu - before.bridge_cpu),

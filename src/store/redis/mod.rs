@@ -6,8 +6,8 @@
 //! - `d:<node>:<id>`   idempotency key: `p` while its change is being published, `1` once
 //!   accepted (≈ 90–120 bytes of Redis memory for typical ids, measured with MEMORY USAGE)
 //! - `seq:<node>`      the node's sequence counter, floored by Redis's clock in µs
-//! - `o:{<ref>}`       hash: `<target>\t<type>` → status JSON
-//! - `h:{<ref>}`       list of history events (JSON), bounded
+//! - `o:{<ref>}`       hash: `<target>\t<type>` → status (tab-separated: `record`)
+//! - `h:{<ref>}`       list of history events (tab-separated: `record`), bounded
 //! - `m:<target>:<source>:{<ref>}:<type>` last delivered seq of that object from that
 //!   source at that target
 //! - `inbox:<target>`  a pull target's last message number, floored like `seq:<node>`
@@ -407,11 +407,11 @@ impl Store for RedisStore {
                 reference: reference.to_string(),
                 targets: targets
                     .iter()
-                    .map(|(_, json)| serde_json::from_str(json).map_err(|_| parse("status", json)))
+                    .map(|(f, v)| record::read_status(f, v).ok_or_else(|| parse("status", v)))
                     .collect::<Result<_, _>>()?,
                 history: history
                     .iter()
-                    .map(|json| serde_json::from_str(json).map_err(|_| parse("history", json)))
+                    .map(|v| record::read_event(v).ok_or_else(|| parse("history", v)))
                     .collect::<Result<_, _>>()?,
             };
             view.sort();
@@ -579,6 +579,7 @@ mod tests {
         let store = RedisStore::new(&config, gauge).unwrap();
         crate::store::contract::run(&store).await;
         let mut conn = store.conn().await.unwrap();
+        json_written_by_earlier_versions_keeps_its_rules(&store, &mut conn, &prefix).await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{prefix}:*"))
             .query_async(&mut conn)
@@ -590,5 +591,36 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
+    }
+
+    /// A status and an event stored as JSON (before issue 18) are read, and the record
+    /// script still keeps the rules over them: an older seq does not replace a `dead` one.
+    async fn json_written_by_earlier_versions_keeps_its_rules(
+        store: &RedisStore,
+        conn: &mut MultiplexedConnection,
+        prefix: &str,
+    ) {
+        let status = r#"{"type":"Catalog.X","target":"shop","source":"central","state":"dead","attempts":2,"last_error":"e","updated_at":"t","seq":9,"rank":2}"#;
+        let event = r#"{"at":"2000-01-01T00:00:00.000Z","target":"shop","event":"dead","detail":"e"}"#;
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(format!("{prefix}:o:{{old-1}}"))
+            .arg("shop\tCatalog.X")
+            .arg(status)
+            .cmd("RPUSH")
+            .arg(format!("{prefix}:h:{{old-1}}"))
+            .arg(event)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let mut older =
+            crate::store::contract::record(8, super::super::State::Queued, false, "late");
+        older.reference = "old-1".into();
+        store.record(vec![older]).await.unwrap();
+        let view = store.object("old-1").await.unwrap().unwrap();
+        assert_eq!(view.targets[0].state, super::super::State::Dead);
+        assert_eq!(view.targets[0].seq, 9);
+        let events: Vec<&str> = view.history.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(events, ["dead", "late"]);
     }
 }

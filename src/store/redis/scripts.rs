@@ -9,10 +9,19 @@ pub(super) const RECORD_LUA: &str = r#"
 -- Records many objects in one call. Per object, KEYS holds three keys: its status hash,
 -- its history list and a delivery mark (a dummy when there is none).
 -- ARGV[1] history max, ARGV[2] ttl seconds, then per object:
---   event json ('' = none), revive ('1': a status also replaces a `dead` one, whatever its
+--   event ('' = none), revive ('1': a status also replaces a `dead` one, whatever its
 --   seq), mark seq ('' = none), number of statuses, then per status: field, seq, rank,
---   source, json
+--   source, the status's value
 local hmax, ttl = tonumber(ARGV[1]), ARGV[2]
+-- A status as stored: `seq\trank\tstate\tsource\t…` (record.rs), or JSON (earlier versions).
+local function current(cur)
+  if string.sub(cur, 1, 1) == '{' then
+    local c = cjson.decode(cur)
+    return c.seq, c.rank, c.state, c.source
+  end
+  local s, r, st, src = string.match(cur, '^(%-?%d+)\t(%d+)\t(%a+)\t([^\t]*)')
+  return tonumber(s), tonumber(r), st, src
+end
 local a = 3
 for k = 1, #KEYS, 3 do
   local event, revive, markseq, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
@@ -27,10 +36,10 @@ for k = 1, #KEYS, 3 do
     local write = true
     local cur = redis.call('HGET', KEYS[k], field)
     if cur then
-      local c = cjson.decode(cur)
-      if revive == '1' and c.state == 'dead' then
+      local cseq, crank, cstate, csource = current(cur)
+      if revive == '1' and cstate == 'dead' then
         write = true
-      elseif c.source == source and (c.seq > seq or (c.seq == seq and c.rank > rank)) then
+      elseif cseq and csource == source and (cseq > seq or (cseq == seq and crank > rank)) then
         write = false
       end
     end
