@@ -570,6 +570,7 @@ impl RabbitBroker {
             target: target.clone(),
             partition: *partition,
             lease: lease.clone(),
+            ledger: Default::default(),
             last: last.clone(),
             tx: want.tx,
             drain: want.drain,

@@ -44,22 +44,37 @@ fn dead_item(delivery: &lapin::message::Delivery) -> DeadItem {
     }
 }
 
+/// Sends the `multiple` ack that ends a run of acked tags, if there is one.
+async fn ack_run(run: Option<lapin::Acker>) -> Result<(), BrokerError> {
+    let Some(acker) = run else {
+        return Ok(());
+    };
+    let multiple = BasicAckOptions { multiple: true };
+    match tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(multiple)).await {
+        Ok(result) => result
+            .map(|_| ())
+            .map_err(|e| BrokerError::Unavailable(e.to_string())),
+        Err(_) => Err(BrokerError::Unavailable(format!(
+            "the ack was not sent within {} s",
+            SETTLE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 impl RabbitBroker {
-    /// Acks a consumed message. Bounded: an ack on a connection that died unnoticed must not
-    /// hold its lane (the broker gives the change out again when the channel closes).
+    /// Acks a consumed message: with the run of acked messages it completes, in one
+    /// `multiple` ack, or later with the run a lower message completes (see `Ledger`).
+    /// Bounded: an ack on a connection that died unnoticed must not hold its lane (the
+    /// broker gives the change out again when the channel closes).
     pub(super) async fn ack_delivery(&self, message: Incoming) -> Result<(), BrokerError> {
         let handle = rabbit_handle(message)?;
-        match tokio::time::timeout(SETTLE_TIMEOUT, handle.acker.ack(BasicAckOptions::default()))
-            .await
-        {
-            Ok(result) => result
-                .map(|_| ())
-                .map_err(|e| BrokerError::Unavailable(e.to_string())),
-            Err(_) => Err(BrokerError::Unavailable(format!(
-                "the ack was not sent within {} s",
-                SETTLE_TIMEOUT.as_secs()
-            ))),
-        }
+        let sending = handle.ledger.sending().await;
+        let run = handle.ledger.acked(handle.tag, handle.acker.clone());
+        let sent = ack_run(run).await;
+        drop(sending);
+        // Its slot in the lease is given back once the run's ack is sent.
+        drop(handle);
+        sent
     }
 
     /// Moves a failed change to its next retry step, or to the DLQ when `f.dead` or the
@@ -114,8 +129,19 @@ impl RabbitBroker {
                 multiple: false,
             };
             let nacked = tokio::time::timeout(SETTLE_TIMEOUT, handle.acker.nack(requeue)).await;
-            if let Ok(Err(e)) = nacked {
-                warn!(error = %e, "could not return a message to its queue; it returns when its channel closes");
+            match nacked {
+                Ok(Ok(_)) => {
+                    // Sent: it no longer holds back the acks above it.
+                    let _sending = handle.ledger.sending().await;
+                    let run = handle.ledger.settled(handle.tag);
+                    if let Err(e) = ack_run(run).await {
+                        warn!(error = %e, "could not ack the messages after a returned one; they return when their channel closes");
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not return a message to its queue; it returns when its channel closes")
+                }
+                Err(_) => warn!("returning a message to its queue timed out; it returns when its channel closes"),
             }
         }
     }

@@ -4,12 +4,18 @@
 //! is settled) before the channel closes. Messages of a consumer that is gone are stale
 //! ([`Handle::is_stale`]): the broker gives them out again, so delivery drops them instead
 //! of sending them twice.
+//!
+//! Acks are coalesced per consumer through its [`Ledger`]: an ack is sent as one `multiple`
+//! ack for the whole run of acked tags below the lowest tag still unsettled, so a batch of
+//! 100 changes costs a frame or two instead of 100, and a `multiple` ack never covers a
+//! message another lane still holds.
 
 use super::consume::now_ms;
 use super::headers;
 use crate::broker::{AckHandle, Incoming};
 use futures_util::StreamExt;
 use lapin::Channel;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,10 +65,86 @@ impl Drop for Slot {
     }
 }
 
-/// How a message consumed from RabbitMQ is settled: its delivery's acker, and its place
-/// among its consumer's unsettled messages (`AckHandle::Rabbit`).
+/// One consumer channel's delivery tags between handing on and their ack frame: those not
+/// settled yet, and those acked whose ack waits for a lower tag to be settled.
+///
+/// Invariant: a `multiple` ack of tag T is sent only when every tag below T handed on by
+/// this channel was acked (then it is in the run) or nacked (its frame already sent: it is
+/// no longer unacked at the broker). A tag handed on and never settled (its consumer going
+/// away, shutdown) stays unsettled, so nothing above it is acked: those come back, and
+/// their delivery marks make them acked without sending.
+///
+/// A `multiple` ack covers every unacked tag below it, those of runs taken before it too: so
+/// runs are taken and sent one at a time ([`Ledger::sending`]), in the order they were taken.
+pub(crate) struct Ledger<A = lapin::Acker> {
+    inner: std::sync::Mutex<LedgerInner<A>>,
+    sending: tokio::sync::Mutex<()>,
+}
+
+struct LedgerInner<A> {
+    unsettled: BTreeSet<u64>,
+    acked: BTreeMap<u64, A>,
+}
+
+impl<A> Default for Ledger<A> {
+    fn default() -> Self {
+        Ledger {
+            inner: std::sync::Mutex::new(LedgerInner {
+                unsettled: BTreeSet::new(),
+                acked: BTreeMap::new(),
+            }),
+            sending: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl<A> Ledger<A> {
+    fn handed_on(&self, tag: u64) {
+        self.lock().unsettled.insert(tag);
+    }
+
+    /// Held from taking a run ([`Ledger::acked`], [`Ledger::settled`]) until its ack is sent.
+    pub(super) async fn sending(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.sending.lock().await
+    }
+
+    /// `tag` acked: the acker to send a `multiple` ack with, when that completes a run.
+    pub(super) fn acked(&self, tag: u64, acker: A) -> Option<A> {
+        let mut inner = self.lock();
+        inner.unsettled.remove(&tag);
+        inner.acked.insert(tag, acker);
+        inner.run()
+    }
+
+    /// `tag` settled otherwise (its nack was sent): the run it completed, if any.
+    pub(super) fn settled(&self, tag: u64) -> Option<A> {
+        let mut inner = self.lock();
+        inner.unsettled.remove(&tag);
+        inner.run()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerInner<A>> {
+        self.inner.lock().expect("ledger lock")
+    }
+}
+
+impl<A> LedgerInner<A> {
+    /// Takes the acked tags below the lowest unsettled one; the acker of the highest.
+    fn run(&mut self) -> Option<A> {
+        let floor = self.unsettled.first().copied().unwrap_or(u64::MAX);
+        let above = self.acked.split_off(&floor);
+        let below = std::mem::replace(&mut self.acked, above);
+        below.into_values().next_back()
+    }
+}
+
+/// How a message consumed from RabbitMQ is settled: its delivery's acker and tag, its
+/// consumer's [`Ledger`], and its place among its consumer's unsettled messages
+/// (`AckHandle::Rabbit`).
 pub(crate) struct Handle {
     pub(super) acker: lapin::Acker,
+    pub(super) tag: u64,
+    pub(super) ledger: Arc<Ledger>,
     slot: Slot,
 }
 
@@ -78,6 +160,7 @@ pub(super) struct Forward {
     pub(super) target: String,
     pub(super) partition: u16,
     pub(super) lease: Arc<Lease>,
+    pub(super) ledger: Arc<Ledger>,
     /// When the last delivery came (ms since the Unix epoch).
     pub(super) last: Arc<AtomicU64>,
     pub(super) tx: mpsc::Sender<Incoming>,
@@ -140,9 +223,42 @@ impl Forward {
             partition: self.partition,
             handle: AckHandle::Rabbit(Handle {
                 acker: delivery.acker,
+                tag: {
+                    self.ledger.handed_on(delivery.delivery_tag);
+                    delivery.delivery_tag
+                },
+                ledger: self.ledger.clone(),
                 slot: Slot::take(&self.lease),
             }),
             body: delivery.data,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ledger;
+
+    /// Lanes settle out of order: an ack goes out only for a run below every unsettled tag,
+    /// as one `multiple` ack of the run's highest tag.
+    #[test]
+    fn a_multiple_ack_never_covers_an_unsettled_tag() {
+        let ledger: Ledger<u64> = Ledger::default();
+        for tag in 1..=6 {
+            ledger.handed_on(tag);
+        }
+        assert_eq!(ledger.acked(2, 2), None, "1 is still out");
+        assert_eq!(ledger.acked(3, 3), None);
+        assert_eq!(ledger.acked(1, 1), Some(3), "1..=3 in one ack");
+        assert_eq!(ledger.acked(5, 5), None, "4 is still out");
+        assert_eq!(
+            ledger.settled(4),
+            Some(5),
+            "4 was returned: 5 alone is acked"
+        );
+        // 6 is never settled (its consumer went away): nothing above it goes.
+        ledger.handed_on(7);
+        assert_eq!(ledger.acked(7, 7), None);
+        assert_eq!(ledger.settled(99), None, "an unknown tag changes nothing");
     }
 }

@@ -601,7 +601,8 @@ mod tests {
         prefix: &str,
     ) {
         let status = r#"{"type":"Catalog.X","target":"shop","source":"central","state":"dead","attempts":2,"last_error":"e","updated_at":"t","seq":9,"rank":2}"#;
-        let event = r#"{"at":"2000-01-01T00:00:00.000Z","target":"shop","event":"dead","detail":"e"}"#;
+        let event =
+            r#"{"at":"2000-01-01T00:00:00.000Z","target":"shop","event":"dead","detail":"e"}"#;
         let _: () = redis::pipe()
             .cmd("HSET")
             .arg(format!("{prefix}:o:{{old-1}}"))
