@@ -158,20 +158,6 @@ pub struct TypeRequests {
     pub delete: Option<Request>,
 }
 
-impl TypeRequests {
-    /// Any request learns an id from its answer (then the target remaps).
-    pub fn learns_ids(&self) -> bool {
-        [
-            Some(&self.create),
-            self.update.as_ref(),
-            self.delete.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .any(|r| r.id.is_some())
-    }
-}
-
 /// The placeholders a request may use besides `data.<path>`.
 const VARIABLES: &[&str] = &[
     "url",
